@@ -1,0 +1,24 @@
+"""Net C (16 weight layers, with 1x1 convs in stages 3-5) with the paper's training recipe on ImageNet.
+
+Reproduces: Table 3, net C, S=256, Q=256: 28.1% top-1, 9.4% top-5 error
+(S=384: 28.1 / 9.3; S in [256, 512], Q=384: 27.3 / 8.8).
+
+  python -m vgg_jax.main --config=configs/vgg16_conv1.py --workdir=$HOME/runs/vgg16_conv1 \
+      --config.manual_dir=$HOME/imagenet
+
+The paper initialised this net from a trained net A (configs/vgg11.py): its first four
+conv layers and last three FC layers, the rest random. It later found that Glorot
+initialisation trains the deep nets without that pre-training, which this config does.
+
+ImageNet must be prepared from its manual download first (see README.md). The paper
+trained each net for 2-3 weeks on four Titan Black GPUs.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = "C"
+  config.init = "glorot"
+  return config

@@ -1,0 +1,543 @@
+"""Tests of vgg_jax.input_pipeline: transforms, sources, determinism, robustness.
+
+Transforms run both eagerly and inside tf.data (they can differ); sources are real code
+paths on tiny data made here: TFDS under mock_data, imagenet2012 prepared offline from a
+tiny manual download, an image folder, and the local Fashion-MNIST builder.
+"""
+
+import io
+import os
+import tarfile
+import zipfile
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import default
+from vgg_jax import fashion_mnist
+from vgg_jax import input_pipeline as ip
+from vgg_jax import input_pipeline_benchmark as benchmark
+
+IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
+
+
+def small_config(**overrides):
+  """The default config with tiny images and batches."""
+  config = default.get_config()
+  config.update(dict(crop_size=8, train_scale_min=8, train_scale_max=12, eval_scale=10,
+                     batch_size=8, shuffle_buffer=64, mean_rgb="imagenet"))
+  config.update(overrides)
+  return config
+
+
+def jpeg_bytes(height, width, mode="RGB", seed=0, quality=90):
+  rng = np.random.default_rng(seed)
+  shape = (height, width) if mode == "L" else (height, width, 3)
+  image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+  if mode == "CMYK":
+    image = image.convert("CMYK")
+  buffer = io.BytesIO()
+  image.save(buffer, "JPEG", quality=quality)
+  return buffer.getvalue()
+
+
+def tfdata(fn, *args):
+  """FN(*ARGS) computed inside a tf.data map."""
+  ds = tf.data.Dataset.from_tensors(tuple(tf.convert_to_tensor(a) for a in args))
+  return next(iter(ds.map(fn))).numpy()
+
+
+def all_batches(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def global_batch(batch):
+  """[devices, per-device, ...] -> [devices * per-device, ...]."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+def seeds(n):
+  return [tf.constant([i, 7], tf.int64) for i in range(n)]
+
+
+# ------------------------------------------------------------------------ transforms
+
+
+@pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 3), ("CMYK", 3), ("RGB", 1)])
+def test_decode_image_makes_rgb_or_gray(mode, channels):
+  data = jpeg_bytes(6, 9, mode)
+  image = ip.decode_image(tf.constant(data), channels).numpy()
+  assert image.shape == (6, 9, channels) and image.dtype == np.uint8
+  reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB" if channels == 3
+                                                             else "L"), np.float32)
+  assert np.abs(image.reshape(reference.shape) - reference).mean() < 3
+  np.testing.assert_array_equal(tfdata(lambda d: ip.decode_image(d, channels), data), image)
+
+
+def test_decode_image_drops_png_alpha():
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((4, 5, 4), 200, np.uint8), "RGBA").save(buffer, "PNG")
+  assert ip.decode_image(tf.constant(buffer.getvalue()), 3).shape == (4, 5, 3)
+
+
+@pytest.mark.parametrize("shape,size,expected", [
+    ((20, 30), 16, (16, 24)), ((30, 20), 16, (24, 16)), ((9, 9), 16, (16, 16)),
+    ((5, 7), 16, (16, 22)), ((300, 200), 32, (48, 32))])
+def test_rescale_smallest_side(shape, size, expected):
+  image = np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
+  eager = ip.rescale_smallest_side(tf.constant(image), size).numpy()
+  assert eager.shape == expected + (3,) and eager.dtype == np.float32
+  assert eager.min() >= 0 and eager.max() <= 255
+  np.testing.assert_allclose(tfdata(ip.rescale_smallest_side, image, size), eager, atol=1e-4)
+
+
+def test_rescale_keeps_a_constant_image_constant():
+  image = tf.fill([13, 17, 3], tf.constant(77, tf.uint8))
+  np.testing.assert_allclose(ip.rescale_smallest_side(image, 32).numpy(), 77, atol=1e-3)
+
+
+def test_sample_scale_stays_within_bounds():
+  draws = np.array([int(ip.sample_scale(s, 10, 14)) for s in seeds(200)])
+  assert draws.min() == 10 and draws.max() == 14
+  assert len(set(draws)) == 5
+  assert int(ip.sample_scale(seeds(1)[0], 12, 12)) == 12
+
+
+def test_random_crop_is_a_window_of_the_image():
+  image = np.arange(12 * 15 * 3, dtype=np.float32).reshape(12, 15, 3)
+  offsets = set()
+  for seed in seeds(30):
+    crop = ip.random_crop(tf.constant(image), 8, seed).numpy()
+    top, left = divmod(int(crop[0, 0, 0]) // 3, 15)
+    assert top + 8 <= 12 and left + 8 <= 15
+    np.testing.assert_array_equal(crop, image[top:top + 8, left:left + 8])
+    offsets.add((top, left))
+  assert len(offsets) > 5
+  np.testing.assert_array_equal(
+      tfdata(lambda x, s: ip.random_crop(x, 8, s), image, seeds(1)[0]),
+      ip.random_crop(tf.constant(image), 8, seeds(1)[0]).numpy())
+
+
+def test_center_crop():
+  image = np.arange(10 * 13 * 1, dtype=np.float32).reshape(10, 13, 1)
+  crop = ip.center_crop(tf.constant(image), 6).numpy()
+  np.testing.assert_array_equal(crop, image[2:8, 3:9])
+  np.testing.assert_array_equal(tfdata(lambda x: ip.center_crop(x, 6), image), crop)
+
+
+def test_random_flip_mirrors_half_the_time():
+  image = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+  flipped = 0
+  for seed in seeds(100):
+    out = ip.random_flip(tf.constant(image), seed).numpy()
+    if np.array_equal(out, image[:, ::-1]):
+      flipped += 1
+    else:
+      np.testing.assert_array_equal(out, image)
+  assert 30 < flipped < 70
+
+
+def test_color_shift_statistics():
+  n, std = 2000, 0.1
+  ds = tf.data.Dataset.range(n).map(
+      lambda i: ip.color_shift(tf.zeros([2, 3, 3]), tf.stack([i, np.int64(3)]), std))
+  shifts = np.stack(list(ds.as_numpy_iterator()))       # [n, 2, 3, 3]
+  np.testing.assert_array_equal(shifts, np.broadcast_to(shifts[:, :1, :1], shifts.shape))
+  rgb = shifts[:, 0, 0] / 255.0                          # eigvec @ (alpha * eigval)
+  alpha_eigval = rgb @ np.array(ip.PCA_EIGVEC)           # eigvec is orthonormal
+  np.testing.assert_allclose(alpha_eigval.std(0), std * np.array(ip.PCA_EIGVAL), rtol=0.1)
+  assert np.all(np.abs(alpha_eigval.mean(0)) < 4 * std * np.array(ip.PCA_EIGVAL) / n**0.5)
+  eager = ip.color_shift(tf.zeros([2, 3, 3]), tf.constant([5, 3], tf.int64), std).numpy()
+  np.testing.assert_allclose(eager, shifts[5], rtol=1e-6)
+
+
+def test_normalize_subtracts_the_mean_and_divides_by_std():
+  image = np.full((2, 2, 3), [130.0, 120.0, 110.0], np.float32)
+  out = ip.normalize(tf.constant(image), ip.IMAGENET_MEAN_RGB).numpy()
+  np.testing.assert_allclose(out[0, 0], [6.32, 3.22, 6.06], atol=1e-4)
+  out = ip.normalize(tf.constant(image), (100.0, 100.0, 100.0), (10.0, 20.0, 5.0)).numpy()
+  np.testing.assert_allclose(out[1, 1], [3.0, 1.0, 2.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_train_transform_eager_equals_tfdata(channels):
+  image = np.random.default_rng(1).integers(0, 256, (21, 14, channels), dtype=np.uint8)
+  kwargs = dict(scale_min=12, scale_max=20, crop_size=10, color_std=0.1,
+                mean=(100.0,) * channels)
+  for seed in seeds(5):
+    eager = ip.train_transform(tf.constant(image), seed, **kwargs).numpy()
+    graph = tfdata(lambda x, s: ip.train_transform(x, s, **kwargs), image, seed)
+    assert eager.shape == (10, 10, channels) and eager.dtype == np.float32
+    np.testing.assert_allclose(graph, eager, atol=1e-4)
+    shift = 255 * 4 * 0.1 * sum(ip.PCA_EIGVAL) if channels == 3 else 0
+    assert eager.min() >= -100 - shift and eager.max() <= 155 + shift
+
+
+def test_train_transform_without_colour_or_flip_is_a_crop_of_the_rescaled_image():
+  image = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  out = ip.train_transform(tf.constant(image), seeds(1)[0], scale_min=16, scale_max=16,
+                           crop_size=16, flip=False, color_std=0.0).numpy()
+  np.testing.assert_allclose(out, image, atol=1e-3)
+
+
+def test_eval_transform_eager_equals_tfdata():
+  image = np.random.default_rng(3).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+  fn = lambda x: ip.eval_transform(x, scale=12, crop_size=10, mean=ip.IMAGENET_MEAN_RGB)
+  eager = fn(tf.constant(image)).numpy()
+  assert eager.shape == (10, 10, 3)
+  np.testing.assert_allclose(tfdata(fn, image), eager, atol=1e-4)
+  rescaled = ip.rescale_smallest_side(tf.constant(image), 12).numpy()  # 18 x 12
+  np.testing.assert_allclose(eager + ip.IMAGENET_MEAN_RGB, rescaled[4:14, 1:11], atol=1e-3)
+
+
+# ------------------------------------------------------------------------ TFDS source
+
+
+@pytest.fixture
+def mnist(tmp_path):
+  """'mnist' under tfds.testing.mock_data: 40 random 28x28x1 examples per split."""
+  with tfds.testing.mock_data(num_examples=40):
+    yield small_config(dataset="mnist", data_dir=str(tmp_path / "tfds"), eval_split="test",
+                       crop_size=16, train_scale_min=16, train_scale_max=24,
+                       eval_scale=20)
+
+
+def test_tfds_by_name(mnist):
+  info = ip.dataset_info(mnist)
+  assert info == ip.DatasetInfo(10, 40, 40, (16, 16, 3), tuple(str(i) for i in range(10)))
+  batch = next(ip.train_batches(mnist, seed=0))
+  devices = jax.local_device_count()
+  assert batch["image"].shape == (devices, 8 // devices, 16, 16, 3)
+  assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+  assert batch["label"].shape == (devices, 8 // devices)
+  assert batch["label"].min() >= 0 and batch["label"].max() < 10
+
+
+def test_eval_batches_cover_every_example_once(mnist):
+  batches = list(ip.eval_batches(mnist))
+  assert len(batches) == 5          # 40 examples, 8 per batch
+  masks = np.concatenate([b["mask"].ravel() for b in batches])
+  assert masks.sum() == 40 and masks.shape == (40,)
+  mnist.batch_size = 16             # 40 -> 3 batches, the last one half padding
+  batches = list(ip.eval_batches(mnist))
+  masks = np.concatenate([b["mask"].ravel() for b in batches])
+  np.testing.assert_array_equal(masks, [1] * 40 + [0] * 8)
+  assert np.all(batches[-1]["image"].reshape(16, -1)[8:] == 0)
+
+
+def test_gray_dataset_with_one_channel_and_computed_mean(mnist, tmp_path):
+  mnist.channels, mnist.mean_rgb, mnist.color_shift_std = 1, "compute", 0.1
+  workdir = str(tmp_path / "work")
+  os.makedirs(workdir)
+  mean, std = ip.normalization(mnist, workdir=workdir)
+  with tfds.testing.mock_data(num_examples=40):
+    images = np.stack([x["image"] for x in tfds.builder("mnist").as_dataset(
+        split="train").as_numpy_iterator()])
+  np.testing.assert_allclose(mean, [images.mean()], rtol=1e-6)
+  assert std is None
+  assert os.listdir(workdir) == ["vgg_jax_mean_train_1ch.json"]     # the data dir does not exist
+  batch = next(ip.eval_batches(mnist, workdir=workdir))
+  assert batch["image"].shape[-1] == 1
+
+
+def test_imagenet_mean_and_std_constants(mnist):
+  mnist.normalize_std = True
+  mean, std = ip.normalization(mnist)
+  assert mean == ip.IMAGENET_MEAN_RGB and std == ip.IMAGENET_STD_RGB
+
+
+# ----------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_batches_other_seed_other_batches(mnist):
+  first = all_batches(ip.train_batches(mnist, seed=3), 7)
+  again = all_batches(ip.train_batches(mnist, seed=3), 7)
+  other = next(ip.train_batches(mnist, seed=4))
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.array_equal(first[0]["image"], other["image"])
+
+
+def test_restart_at_a_step_sees_the_following_batches(mnist):
+  uninterrupted = all_batches(ip.train_batches(mnist, seed=1), 12)  # 5 steps per epoch
+  for start in (3, 5, 7):
+    resumed = all_batches(ip.train_batches(mnist, seed=1, start_step=start), 3)
+    for a, b in zip(uninterrupted[start:], resumed):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_global_batch_does_not_depend_on_the_device_count(mnist, monkeypatch):
+  eight = [global_batch(b) for b in all_batches(ip.train_batches(mnist, seed=2), 3)]
+  monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+  one = all_batches(ip.train_batches(mnist, seed=2), 3)
+  assert one[0]["image"].shape[:2] == (1, 8)
+  for a, b in zip(eight, one):
+    np.testing.assert_array_equal(a["image"], global_batch(b)["image"])
+
+
+def test_processes_take_their_slices_of_each_global_batch(mnist, monkeypatch):
+  monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+  whole = [global_batch(b) for b in all_batches(ip.train_batches(mnist, seed=5), 3)]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  parts = []
+  for process in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    parts.append([global_batch(b) for b in all_batches(ip.train_batches(mnist, seed=5), 3)])
+  for k in range(3):
+    joined = np.concatenate([parts[0][k]["image"], parts[1][k]["image"]])
+    np.testing.assert_array_equal(joined, whole[k]["image"])
+
+
+def test_an_epoch_sees_every_example_once_then_reshuffles(mnist):
+  mnist.update(dict(random_flip=False, color_shift_std=0.0, train_scale_max=16))
+  batches = [global_batch(b) for b in all_batches(ip.train_batches(mnist, seed=0), 10)]
+  rows = [bytes(row) for b in batches for row in b["image"].reshape(8, -1)]
+  epoch_0, epoch_1 = rows[:40], rows[40:]       # 5 steps of 8 per epoch of 40
+  assert len(set(epoch_0)) == 40                 # each example once (S = crop: no noise)
+  assert set(epoch_0) == set(epoch_1) and epoch_0 != epoch_1
+
+
+def test_batch_size_must_split_over_devices(mnist):
+  mnist.batch_size = jax.local_device_count() + 1
+  with pytest.raises(ValueError, match="does not split over"):
+    ip.train_batches(mnist, seed=0)
+
+
+# --------------------------------------------------------------- imagenet2012, offline
+
+
+def write_imagenet_manual_dir(directory, corrupt_train=False):
+  """5 classes x 3 JPEGs in ILSVRC2012_img_train.tar, 10 in ILSVRC2012_img_val.tar."""
+  def add(tar, name, data):
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    tar.addfile(member, io.BytesIO(data))
+
+  with tarfile.open(os.path.join(directory, "ILSVRC2012_img_train.tar"), "w") as train:
+    for c, wnid in enumerate(IMAGENET_WNIDS):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as tar:
+        for i in range(3):
+          data = jpeg_bytes(20 + 3 * i, 24 + 2 * c, seed=10 * c + i)
+          if corrupt_train and c == 0 and i == 0:
+            data = data[:len(data) // 3]
+          add(tar, f"{wnid}_{i}.JPEG", data)
+      add(train, f"{wnid}.tar", inner.getvalue())
+  with tarfile.open(os.path.join(directory, "ILSVRC2012_img_val.tar"), "w") as val:
+    for i in range(10):
+      add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(18, 22 + i, seed=100 + i))
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+  """imagenet2012 prepared offline from a tiny manual download with one truncated JPEG."""
+  root = tmp_path_factory.mktemp("imagenet")
+  manual = root / "manual"
+  manual.mkdir()
+  write_imagenet_manual_dir(manual, corrupt_train=True)
+  config = small_config(dataset="imagenet2012", data_dir=str(root / "tfds"),
+                        manual_dir=str(manual), batch_size=8)
+  info = ip.dataset_info(config)            # prepares it
+  return config, info
+
+
+def test_imagenet_prepares_offline_from_a_manual_dir(imagenet):
+  config, info = imagenet
+  assert (info.num_classes, info.num_train, info.num_eval) == (1000, 15, 10)
+  batch = global_batch(next(ip.train_batches(config, seed=0)))
+  assert batch["image"].shape == (8, 8, 8, 3)
+  assert set(batch["label"]) <= {0, 1, 2, 3, 4}
+  masks = np.concatenate([b["mask"].ravel() for b in ip.eval_batches(config)])
+  np.testing.assert_array_equal(masks, [1] * 10 + [0] * 6)
+
+
+def test_imagenet_stream_is_deterministic_and_resumable(imagenet):
+  config, _ = imagenet
+  first = all_batches(ip.train_batches(config, seed=0), 5)   # 1 step per epoch
+  again = all_batches(ip.train_batches(config, seed=0), 5)
+  resumed = all_batches(ip.train_batches(config, seed=0, start_step=3), 2)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  for a, b in zip(first[3:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  assert not np.array_equal(first[0]["image"], first[1]["image"])
+
+
+def test_imagenet_truncated_jpeg_is_skipped_and_counted(imagenet):
+  config, _ = imagenet
+  batches = ip.train_batches(config, seed=0)
+  for _ in range(6):  # 6 epochs of 8 of the 15 images: the truncated one shows up
+    next(batches)
+  assert batches.num_skipped >= 1
+  config.cache = True    # the same in memory, by index
+  cached = ip.train_batches(config, seed=0)
+  for _ in range(6):
+    next(cached)
+  assert cached.num_skipped >= 1
+
+
+def test_missing_imagenet_files_name_the_files_and_the_command(tmp_path):
+  config = small_config(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
+                        manual_dir=str(tmp_path / "tars"))
+  with pytest.raises(FileNotFoundError) as error:
+    ip.dataset_info(config)
+  message = str(error.value)
+  for text in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", str(tmp_path / "tars"),
+               "python -m vgg_jax.input_pipeline --dataset=imagenet2012 "
+               f"--data_dir={tmp_path / 'tfds'} --manual_dir={tmp_path / 'tars'}"):
+    assert text in message
+
+
+# ---------------------------------------------------------------------- image folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+  """train/ and val/ of 2 classes; one corrupt, one gray, one CMYK and one tiny JPEG."""
+  root = tmp_path / "images"
+  for split, count in (("train", 4), ("val", 3)):
+    for c, name in enumerate(("cat", "dog")):
+      (root / split / name).mkdir(parents=True)
+      for i in range(count):
+        (root / split / name / f"{i}.jpg").write_bytes(
+            jpeg_bytes(14 + i, 18, seed=10 * c + i))
+  (root / "train" / "cat" / "gray.jpg").write_bytes(jpeg_bytes(16, 16, "L"))
+  (root / "train" / "dog" / "cmyk.jpeg").write_bytes(jpeg_bytes(16, 20, "CMYK"))
+  (root / "train" / "dog" / "tiny.JPG").write_bytes(jpeg_bytes(3, 4))
+  (root / "train" / "dog" / "notes.txt").write_text("not an image")
+  (root / "val" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  return small_config(dataset=f"folder:{root}")
+
+
+def test_image_folder(folder):
+  info = ip.dataset_info(folder)
+  assert info == ip.DatasetInfo(2, 11, 7, (8, 8, 3), ("cat", "dog"))
+  batches = ip.train_batches(folder, seed=0)
+  for _ in range(4):
+    batch = global_batch(next(batches))
+    assert batch["image"].shape == (8, 8, 8, 3)
+  assert batches.num_skipped == 0
+
+
+def test_corrupt_image_is_skipped_and_counted(folder):
+  batches = ip.eval_batches(folder)
+  masks = np.concatenate([b["mask"].ravel() for b in batches])
+  np.testing.assert_array_equal(masks, [1, 1, 1, 1, 1, 1, 0, 0])  # dog/broken.jpg first
+  assert batches.num_skipped == 1
+  # In training its slot goes to another image of the same batch.
+  folder.eval_split, folder.train_split = "train", "val"
+  folder.update(dict(random_flip=False, color_shift_std=0.0, train_scale_max=8))
+  train = ip.train_batches(folder, seed=0)
+  batch = global_batch(next(train))
+  assert train.num_skipped == 1
+  rows = {bytes(row) for row in batch["image"].reshape(8, -1)}
+  assert len(rows) < 8
+
+
+def test_dense_eval_buckets_by_shape_and_counts_every_image_once(folder):
+  batches = list(ip.dense_eval_batches(folder, scale=10, batch_size=2))
+  indices = np.concatenate([b["index"] for b in batches])
+  assert sorted(indices) == [0, 1, 2, 3, 4, 5]      # 6 good val images, broken one dropped
+  shapes = {b["image"].shape[1:] for b in batches}
+  assert shapes == {(10, 12, 3), (10, 13, 3), (10, 11, 3)}   # 14x18, 15x18, 16x18
+  for b in batches:
+    assert len(b["label"]) <= 2
+
+
+def test_eval_examples_per_process_shards_are_disjoint(folder, monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+  seen, slots = [], 0
+  for process in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    examples = list(ip.eval_examples(folder, scale=10))
+    slots += len(examples)
+    seen.append([int(x["index"]) for x in examples if x["valid"]])
+    masks = [b["mask"] for b in ip.eval_batches(folder)]
+    assert len(masks) == 1 and masks[0].sum() == 3         # 4 or 3 examples, 1 broken
+  # Every image has a slot; the broken one (the last, val/dog/broken.jpg) is invalid.
+  assert slots == 7
+  assert sorted(seen[0] + seen[1]) == list(range(6)) and not set(seen[0]) & set(seen[1])
+
+
+def test_folder_mean_is_computed_and_cached_beside_the_data(folder):
+  folder.mean_rgb, folder.train_split = "compute", "val"
+  mean, _ = ip.normalization(folder)
+  root = folder.dataset[len("folder:"):]
+  pixels = np.concatenate([
+      tf.io.decode_jpeg(tf.io.read_file(os.path.join(root, "val", c, f"{i}.jpg")))
+      .numpy().reshape(-1, 3) for c in ("cat", "dog") for i in range(3)])  # not broken.jpg
+  np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-9)
+  assert os.path.exists(os.path.join(root, "vgg_jax_mean_val_3ch.json"))
+
+
+# ----------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(dataset="no_such_dataset_xyz"), "Unknown dataset 'no_such_dataset_xyz'"),
+    (dict(dataset="folder:/nonexistent/images"), "does not exist"),
+    (dict(train_scale_min=6), "S must be at least the crop size"),
+    (dict(eval_scale=4), "Q must be at least the crop size"),
+    (dict(channels=2), "use 3 \\(RGB\\) or 1"),
+    (dict(mean_rgb="cifar"), "use 'imagenet', 'compute' or numbers"),
+])
+def test_bad_config_errors_name_the_problem(overrides, match):
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    ip.dataset_info(small_config(**overrides))
+
+
+# ------------------------------------------------------------- Fashion-MNIST, local
+
+
+@pytest.mark.skipif(not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR),
+                    reason="needs Debian's dataset-fashion-mnist "
+                           f"({fashion_mnist.INSTALL_COMMAND})")
+def test_local_fashion_mnist_builder(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  builder = tfds.builder("fashion_mnist_local", data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      max_examples_per_split=64))
+  assert builder.info.features["label"].names[0] == "T-shirt/top"
+  images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
+  assert images.shape == (10_000, 28, 28, 1) and set(labels) == set(range(10))
+  first = next(builder.as_dataset(split="test", shuffle_files=False).as_numpy_iterator())
+  np.testing.assert_array_equal(first["image"], images[0])
+  assert first["label"] == labels[0]
+
+  config = small_config(dataset="fashion_mnist_local", data_dir=data_dir,
+                        eval_split="test", crop_size=32, train_scale_min=32,
+                        train_scale_max=40, eval_scale=32, batch_size=16)
+  assert ip.dataset_info(config).num_train == 64
+  for channels in (3, 1):
+    config.channels = channels
+    batch = next(ip.train_batches(config, seed=0))
+    assert batch["image"].shape[2:] == (32, 32, channels)
+
+
+# ------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_reads_a_wheel_and_times_both_sides(tmp_path):
+  wheel = tmp_path / "foolbox-3.3.4-py3-none-any.whl"
+  with zipfile.ZipFile(wheel, "w") as z:
+    for i in range(2):
+      z.writestr(f"foolbox/data/imagenet_0{i}_1.jpg", jpeg_bytes(40, 40, seed=i))
+    z.writestr("foolbox/data/mnist_00_7.png", b"not read")
+  photos = benchmark.read_photos(str(wheel))
+  assert len(photos) == 2
+  jpegs = benchmark.reencode(photos, 4)
+  shapes = [Image.open(io.BytesIO(j)).size for j in jpegs]
+  assert shapes == list(benchmark.IMAGENET_SIZES)
+  sizes = dict(scale_min=64, scale_max=80, crop_size=56)
+  out = benchmark.pil_transform(jpegs[0], np.random.default_rng(0), **sizes)
+  assert out.shape == (56, 56, 3) and out.dtype == np.float32
+  assert benchmark.pil_images_per_second(jpegs, **sizes) > 0
+  assert benchmark.tf_images_per_second(jpegs, threads=1, **sizes) > 0

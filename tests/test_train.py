@@ -1,0 +1,204 @@
+"""The training loop end to end: real data, checkpoints, exact resume, bad input.
+
+Runs `train.train_and_evaluate` on tiny nets over eight fake CPU devices.
+"""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from vgg_jax import checkpointing
+from vgg_jax import input_pipeline
+from vgg_jax import train
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  config = default.get_config()
+  config.update(dict(
+      model="A", width=1 / 16, fc_width=32, init="he", dropout_rate=0.5,
+      channels=1, crop_size=32, train_scale_min=32, train_scale_max=36, eval_scale=32,
+      color_shift_std=0.0, mean_rgb="compute", normalize_std=True, shuffle_buffer=256,
+      batch_size=16, learning_rate=0.02, num_epochs=1, log_every_steps=2,
+      checkpoint_every_steps=3, keep_checkpoints=2))
+  config.update(overrides)
+  return config
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def write_fashion_mnist_folder(root, per_split):
+  """train/ and val/ folders of the first real Fashion-MNIST images, as PNG files."""
+  for split, prefix, offset in (("train", "train", 0), ("val", "t10k", 0)):
+    with gzip.open(f"{FASHION_MNIST}/{prefix}-images-idx3-ubyte.gz") as f:
+      images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(f"{FASHION_MNIST}/{prefix}-labels-idx1-ubyte.gz") as f:
+      labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    for i in range(offset, offset + per_split[split]):
+      directory = os.path.join(root, split, f"class_{labels[i]}")
+      os.makedirs(directory, exist_ok=True)
+      Image.fromarray(images[i]).save(os.path.join(directory, f"{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def fashion_folder(tmp_path_factory):
+  if not os.path.isdir(FASHION_MNIST):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install -y "
+                "dataset-fashion-mnist)")
+  root = str(tmp_path_factory.mktemp("fashion"))
+  write_fashion_mnist_folder(root, {"train": 640, "val": 100})
+  return root
+
+
+def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
+  config = tiny_config(dataset=f"folder:{fashion_folder}", eval_split="val",
+                       width=1 / 8, fc_width=64, batch_size=32,
+                       log_every_steps=5, checkpoint_every_steps=10, dropout_rate=0.0,
+                       learning_rate=0.02, num_epochs=3)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  losses = [r["train_loss"] for r in records if "train_loss" in r]
+  assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+  assert result["examples"] == 100 and result["step"] == 60
+  assert result["top1_error"] < 0.6  # 10 classes: chance is 0.9
+  evals = [r for r in records if "eval_top1_error" in r]
+  assert [r["step"] for r in evals] == [20, 40, 60]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["50", "60"]
+  assert len(os.listdir(tmp_path / "checkpoints_best")) == 1
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+  for name in ("learning_curves.png", "confusion_matrix.png", "final_eval.json",
+               "config.json"):
+    assert (tmp_path / name).exists(), name
+  params, meta = checkpointing.load_params(str(tmp_path))
+  assert meta["model"] == "A" and meta["step"] == 60 and "fc8" in params
+
+
+@pytest.fixture
+def mnist():
+  """'mnist' under tfds.testing.mock_data: random 28x28 images, 10 classes."""
+  with tfds.testing.mock_data(num_examples=72):
+    yield tiny_config(dataset="mnist", eval_split="test", channels=1,
+                      train_scale_min=32, train_scale_max=32, mean_rgb="imagenet",
+                      normalize_std=False)
+
+
+class Crash(Exception):
+  pass
+
+
+def crash_after(num_batches, monkeypatch):
+  """Makes the training data raise after NUM_BATCHES batches: a killed run."""
+  real = input_pipeline.train_batches
+
+  def crashing(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == num_batches:
+        raise Crash()
+      yield batch
+  monkeypatch.setattr(input_pipeline, "train_batches", crashing)
+
+
+def test_killed_run_resumes_to_the_same_parameters(mnist, tmp_path, monkeypatch):
+  # 72 examples / 16 = 4 steps per epoch; evaluation every 2 steps with patience 1 and
+  # a high threshold makes the plateau controller drop the rate on the way.
+  config = mnist
+  config.update(dict(num_epochs=3, eval_every_steps=2, checkpoint_every_steps=3))
+  config.plateau.patience = 1
+  config.plateau.threshold = 0.5
+  config.plateau.max_drops = 3
+  config.plateau.stop_after_last = False
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(config.copy_and_resolve_references(), str(straight))
+
+  interrupted = tmp_path / "interrupted"
+  with monkeypatch.context() as patch:
+    crash_after(7, patch)  # dies after step 7; its newest checkpoint is step 6
+    with pytest.raises(Crash):
+      train.train_and_evaluate(config.copy_and_resolve_references(), str(interrupted))
+  assert checkpointing.Checkpointer(str(interrupted)).latest_step() == 6
+  train.train_and_evaluate(config.copy_and_resolve_references(), str(interrupted))
+
+  expected, _ = checkpointing.load(str(straight))
+  resumed, meta = checkpointing.load(str(interrupted))
+  assert meta["step"] == 12
+  jax.tree_util.tree_map(np.testing.assert_array_equal, expected, resumed)
+
+  def rate_trace(workdir):
+    records = read_jsonl(workdir / "metrics.jsonl")
+    return {r["step"]: r["train_learning_rate"] for r in records
+            if "train_learning_rate" in r}
+  trace = rate_trace(straight)
+  assert len(set(trace.values())) > 1, "the schedule should have dropped"
+  assert rate_trace(interrupted) == trace  # resumed steps overwrite with equal values
+
+
+def test_evaluation_counts_every_example_once(mnist):
+  config = mnist
+  config.batch_size = 32  # 72 test examples: the last batch is padded
+  from vgg_jax import parallel  # pylint: disable=g-import-not-at-top
+  mapping = parallel.DeviceMapping("pmap")
+  model = train.create_model(config, 10)
+  state = train.create_train_state(jax.random.key(0), config, model, (32, 32, 1))
+  p_eval = mapping.map(lambda p, b: train.eval_step(p, b, apply_fn=model.apply))
+  metrics, confusion = train.evaluate(p_eval, mapping, mapping.replicate(state.params),
+                                      input_pipeline.eval_batches(config))
+  assert metrics["examples"] == 72 and confusion.sum() == 72
+  # The same numbers one example at a time, on the host.
+  images, labels = [], []
+  for batch in input_pipeline.eval_batches(config):
+    keep = batch["mask"].reshape(-1) > 0
+    images.append(batch["image"].reshape((-1, 32, 32, 1))[keep])
+    labels.append(batch["label"].reshape(-1)[keep])
+  logits = model.apply({"params": state.params}, np.concatenate(images))
+  labels = np.concatenate(labels)
+  np.testing.assert_allclose(metrics["top1_error"],
+                             np.mean(np.argmax(logits, -1) != labels), atol=1e-6)
+
+
+def test_workdir_of_another_model_is_refused(mnist, tmp_path):
+  config = mnist
+  train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  config.model = "B"
+  with pytest.raises(ValueError, match=r"another architecture \(model: 'A' in the workdir, "
+                     r"'B' now\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "vgg_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_main_rejects_an_unknown_config_field(tmp_path):
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                    "--config.learning_rat=0.1")
+  assert result.returncode != 0
+  assert "learning_rat" in result.stderr and "Did you mean" in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_main_rejects_a_batch_the_devices_do_not_divide(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run(
+      [sys.executable, "-m", "vgg_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--config.batch_size=100"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode != 0
+  assert "config.batch_size=100 is not divisible by the 8 devices" in result.stderr
+  assert not os.listdir(tmp_path)

@@ -1,0 +1,121 @@
+"""Times the train step: `python -m vgg_jax.benchmark --model=D --batch_size=256
+--dtype=bfloat16`.
+
+The step is the real one from `train.py`, mapped over all local devices, fed the same
+device-resident synthetic batch every step (so input is not measured), and timed after
+warm-up. Printed: images per second, step time, and model-FLOP utilisation, counting
+6 x multiply-adds per image (forward 2 FLOPs per MAC, backward twice the forward) from
+`summary.count_macs`, against a peak given with --peak_tflops or known for the device.
+On CPU, run it small: `--model=A --width=0.125 --image_size=64 --batch_size=16`.
+"""
+
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from configs import default
+from vgg_jax import parallel
+from vgg_jax import summary
+from vgg_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "D", "Table 1 name or alias.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size over all local devices.")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_float("width", 1.0, "Width multiplier.")
+flags.DEFINE_integer("fc_width", 4096, "fc6/fc7 width.")
+flags.DEFINE_integer("image_size", 224, "Training crop size.")
+flags.DEFINE_integer("num_classes", 1000, "Classes.")
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps (compilation, allocation).")
+flags.DEFINE_enum("mapping", "pmap", list(parallel.MAPPINGS), "Device mapping.")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device at --dtype; "
+                   "default: known value for the device kind, if any.")
+
+# Dense peak TFLOP/s per device from vendors' data sheets (float32 on GPUs: TF32 tensor
+# cores, which XLA uses for float32 matmuls and convolutions by default).
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "V100": {"bfloat16": 125.0, "float32": 15.7},
+    "TPU v5p": {"bfloat16": 459.0},
+    "TPU v5 lite": {"bfloat16": 197.0},
+    "TPU v4": {"bfloat16": 275.0},
+}
+
+
+def known_peak(device_kind: str, dtype: str) -> float | None:
+  for name, peaks in PEAK_TFLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
+def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=224,
+              num_classes=1000, steps=20, warmup=3, mapping="pmap") -> dict:
+  """Returns step time (s), images/s and achieved TFLOP/s of the mapped train step."""
+  config = default.get_config()
+  config.update(dict(model=model, batch_size=batch_size, dtype=dtype, width=width,
+                     fc_width=fc_width, crop_size=image_size, mapping=mapping))
+  train.validate_config(config)
+  devices = parallel.DeviceMapping(mapping)
+  n = devices.local_device_count
+  net = train.create_model(config, num_classes)
+  state = devices.replicate(train.create_train_state(
+      jax.random.key(0), config, net, (image_size, image_size, 3)))
+  rng = np.random.default_rng(0)
+  batch = devices.shard(dict(
+      image=rng.normal(size=(n, batch_size // n, image_size, image_size, 3)).astype(
+          np.float32),
+      label=rng.integers(0, num_classes, size=(n, batch_size // n)).astype(np.int32)))
+  dropout_rng = devices.replicate(jax.random.key_data(jax.random.key(1)))
+  lr = devices.replicate(np.float32(config.learning_rate))
+  step = devices.map(lambda s, b, r, l: train.train_step(s, b, jax.random.wrap_key_data(r),
+                                                         l), donate_argnums=(0,))
+  block_each_step = jax.default_backend() == "cpu"  # see train.py
+  for _ in range(warmup):
+    state, metrics = step(state, batch, dropout_rng, lr)
+    jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch, dropout_rng, lr)
+    if block_each_step:
+      jax.block_until_ready(metrics)
+  jax.block_until_ready(state.params)
+  step_time = (time.perf_counter() - start) / steps
+  macs = summary.count_macs(model, image_size=image_size, num_classes=num_classes,
+                            width=width, fc_width=fc_width)
+  tflops = 6 * macs * batch_size / step_time / 1e12
+  return dict(step_time=step_time, images_per_second=batch_size / step_time,
+              tflops=tflops, tflops_per_device=tflops / n, devices=n,
+              macs_per_image=macs)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  result = benchmark(model=FLAGS.model, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
+                     width=FLAGS.width, fc_width=FLAGS.fc_width,
+                     image_size=FLAGS.image_size, num_classes=FLAGS.num_classes,
+                     steps=FLAGS.steps, warmup=FLAGS.warmup, mapping=FLAGS.mapping)
+  kind = jax.local_devices()[0].device_kind
+  peak = FLAGS.peak_tflops or known_peak(kind, FLAGS.dtype)
+  print(f"device: {result['devices']} x {kind} ({jax.default_backend()})")
+  print(f"model: {FLAGS.model} width={FLAGS.width} image={FLAGS.image_size} "
+        f"dtype={FLAGS.dtype} global batch={FLAGS.batch_size} mapping={FLAGS.mapping}")
+  print(f"multiply-adds per image: {result['macs_per_image']:,}")
+  print(f"step time: {result['step_time'] * 1e3:.1f} ms")
+  print(f"images/s: {result['images_per_second']:.1f}")
+  print(f"achieved: {result['tflops_per_device']:.3f} TFLOP/s per device")
+  if peak:
+    print(f"MFU: {100 * result['tflops_per_device'] / peak:.1f}% of {peak} TFLOP/s")
+  else:
+    print("MFU: unknown peak for this device; pass --peak_tflops")
+
+
+if __name__ == "__main__":
+  app.run(main)

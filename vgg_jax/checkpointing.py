@@ -1,0 +1,140 @@
+"""Orbax checkpoints of a run's workdir: save, resume, and read back parameters.
+
+Layout of a workdir:
+
+  WORKDIR/config.json               the frozen config of the run
+  WORKDIR/checkpoints/<step>/       the newest few checkpoints (config.keep_checkpoints)
+  WORKDIR/checkpoints_best/<step>/  the checkpoint with the best validation accuracy
+
+Every checkpoint has two items: "state" (parameters, optimiser state, step; float32
+host arrays) and "meta" (JSON: the plateau controller, the seed, the data position, the
+model's description and the latest evaluation). A restart restores all of it, so the run
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+LATEST = "checkpoints"
+BEST = "checkpoints_best"
+CONFIG_FILE = "config.json"
+
+
+def _manager(directory: str, max_to_keep: int | None, *, create: bool = True):
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Checkpointer:
+  """Saves a run's checkpoints (the newest few and the best) and restores the newest."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self._latest = _manager(os.path.join(workdir, LATEST), keep)
+    self._best = _manager(os.path.join(workdir, BEST), 1)
+
+  def latest_step(self) -> int | None:
+    return self._latest.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict, *, best: bool = False) -> None:
+    """Saves host `state` (a pytree) and JSON `meta`; also as the best when `best`."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(meta))
+    if self._latest.latest_step() != step:
+      self._latest.save(step, args=args, force=True)
+    if best:
+      self._best.wait_until_finished()
+      self._best.save(step, args=args, force=True)
+
+  def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
+    """(state shaped like `target`, meta) of the newest checkpoint, or None."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def wait_until_finished(self) -> None:
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+
+def checkpoint_dir(path: str, *, best: bool = False) -> str:
+  """The orbax directory for `path`: a workdir, or a checkpoints directory itself."""
+  sub = os.path.join(path, BEST if best else LATEST)
+  return sub if os.path.isdir(sub) else path
+
+
+def load(path: str, *, step: int | None = None, best: bool = False) -> tuple[Any, dict]:
+  """Reads (state, meta) of a saved run as nested dicts of numpy arrays.
+
+  `path` is a workdir or its checkpoints directory; the newest step unless `step` is
+  given (or the best checkpoint with `best=True`). No optimiser or model is needed:
+  evaluation, surgery and conversion use this to read parameters of any run.
+  """
+  directory = checkpoint_dir(path, best=best)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoint directory at {path!r}: expected a workdir "
+                            f"of a training run (with {LATEST}/ inside) or an orbax "
+                            f"checkpoints directory.")
+  manager = _manager(directory, None, create=False)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"No checkpoint{'' if step is None else f' at step {step}'} in "
+                            f"{directory!r} (steps there: {list(manager.all_steps())}).")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  manager.close()
+  state = jax.tree_util.tree_map(np.asarray, restored["state"])
+  return state, restored["meta"]
+
+
+def save_params(workdir: str, params: Any, meta: dict, *, step: int = 0) -> str:
+  """Writes parameters alone (no optimiser state) as a checkpoint `load_params` reads.
+
+  Used for grafted and converted weights. `meta` should name the model ("model",
+  "num_classes", ...). Returns the checkpoint directory.
+  """
+  directory = os.path.join(workdir, LATEST)
+  manager = _manager(directory, None)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)),
+      force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return directory
+
+
+def load_params(path: str, **kwargs) -> tuple[Any, dict]:
+  """(params, meta) of a saved run; see `load`."""
+  state, meta = load(path, **kwargs)
+  return state["params"], meta
+
+
+def write_config(workdir: str, config_json: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    f.write(config_json)
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def read_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,41 @@
+"""Trains a VGG net: `python -m vgg_jax.main --config=configs/vgg16.py --workdir=DIR`.
+
+Everything happens in libraries that are easy to test (`train.py`, `input_pipeline.py`,
+`models.py`); this file only reads flags and the config. Any config field can be set on
+the command line, e.g. `--config.batch_size=128 --config.dtype=bfloat16`. Running the
+same command again with the same workdir resumes the run from its newest checkpoint.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from vgg_jax import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+config_flags.DEFINE_config_file(
+    "config", None, "A config file under configs/, e.g. configs/vgg16.py.",
+    lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if config.distributed:
+    # Multi-host: every process runs this same command; the coordinator address,
+    # process count and id come from the environment (SLURM, TPU pods, or JAX_* vars).
+    jax.distributed.initialize()
+  logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

@@ -1,0 +1,100 @@
+"""Synchronous data parallelism (section 3.3): one per-device step, mapped over devices.
+
+The train and eval steps are written for one device and average across devices with
+`jax.lax.pmean` / `psum` over the axis named `AXIS`. This module is the only place that
+knows how they are mapped. Two mappings give the same result:
+
+- "pmap": `jax.pmap`, as the paper's multi-GPU design reads;
+- "shard_map": `jax.jit(jax.shard_map(...))`, JAX's current primitive (pmap is now
+  implemented on top of it and is in maintenance mode).
+
+Both see the same data layout: every array carries a leading axis of one entry per
+device, sharded over a one-dimensional mesh. Replicated values (parameters, optimiser
+state) are stacked copies; batches are [devices, per-device batch, ...]. On several
+hosts the mesh spans all devices and each host supplies its local entries.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+MAPPINGS = ("pmap", "shard_map")
+
+
+def check_mapping(mapping: str) -> None:
+  if mapping not in MAPPINGS:
+    raise ValueError(f"Unknown device mapping {mapping!r}; choose one of {MAPPINGS}.")
+
+
+def check_batch_size(global_batch: int, *, what: str = "config.batch_size") -> int:
+  """Returns the per-device batch; raises if the devices do not divide the batch."""
+  devices = jax.device_count()
+  if global_batch < 1 or global_batch % devices:
+    raise ValueError(
+        f"{what}={global_batch} is not divisible by the {devices} devices "
+        f"({jax.process_count()} process(es) x {jax.local_device_count()} local): pick a "
+        f"multiple of {devices}, e.g. {max(devices, global_batch - global_batch % devices)}.")
+  return global_batch // devices
+
+
+class DeviceMapping:
+  """Places data on the local devices and maps per-device functions over them."""
+
+  def __init__(self, mapping: str = "pmap", devices: list | None = None):
+    """`devices`: a subset of the devices (single host) to map over; default all."""
+    check_mapping(mapping)
+    self.kind = mapping
+    if devices is None:
+      # pmap takes each host's local devices; shard_map works on global arrays.
+      devices = jax.local_devices() if mapping == "pmap" else jax.devices()
+    self.devices = list(devices)
+    self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+    self.sharding = NamedSharding(self.mesh, P(AXIS))
+
+  @property
+  def local_device_count(self) -> int:
+    return sum(d.process_index == jax.process_index() for d in self.devices)
+
+  def shard(self, tree: Any) -> Any:
+    """Puts host arrays shaped [local devices, ...] onto the devices, one entry each."""
+    def put(x):
+      if isinstance(x, jax.Array) and x.sharding == self.sharding:
+        return x
+      return jax.make_array_from_process_local_data(self.sharding, np.asarray(x))
+    return jax.tree_util.tree_map(put, tree)
+
+  def replicate(self, tree: Any) -> Any:
+    """One copy of every leaf per device (stacked on a new leading axis)."""
+    n = self.local_device_count
+    return self.shard(jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree))
+
+  def unreplicate(self, tree: Any) -> Any:
+    """The first local device's copy of every leaf, as a host numpy array."""
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+  def map(self, fn: Callable, *, donate_argnums: tuple[int, ...] = ()) -> Callable:
+    """Maps `fn(*args)`, written for one device, over the leading device axis."""
+    if self.kind == "pmap":
+      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums,
+                      devices=self.devices)
+
+    @functools.wraps(fn)
+    def per_device(*args):
+      squeezed = jax.tree_util.tree_map(lambda x: x[0], args)
+      return jax.tree_util.tree_map(lambda y: y[None], fn(*squeezed))
+
+    @functools.cache
+    def compiled(num_args: int):
+      mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(AXIS),) * num_args,
+                             out_specs=P(AXIS))
+      return jax.jit(mapped, donate_argnums=donate_argnums)
+
+    return lambda *args: compiled(len(args))(*args)
