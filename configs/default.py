@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_scale = 256         # Q for the centre-crop validation during training
   config.random_flip = True
   config.color_shift_std = 0.1    # AlexNet's PCA lighting noise; 0 turns it off
-  config.mean_rgb = "imagenet"    # "imagenet" (known constant) or "compute" (train split)
+  config.mean_rgb = "imagenet"    # "imagenet" (known constant), "compute" (train split)
+                                  # or numbers: "123.68,116.78,103.94"
   config.normalize_std = False    # also divide by the per-channel std (not in the paper)
   config.channels = 3             # gray datasets are replicated to 3 channels, or 1
   config.shuffle_buffer = 16_384
@@ -66,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3     # the newest few; the best one is kept as well
   config.log_every_steps = 100
+  # At the end, the paper's test protocols (vgg_jax.evaluate.PROTOCOLS), e.g.
+  # "center_crop,dense,multi_crop,dense+multi_crop"; empty: none.
+  config.final_eval_protocols = ""
   config.profile = False          # capture a profiler trace of a few steps
 
   # Devices. "pmap" or "shard_map": the same per-device step, mapped two ways.

@@ -14,7 +14,7 @@ the checkpoint. With ImageNet weights converted from torchvision:
 The data fields below reproduce torchvision's input convention (RGB, mean
 (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) of the 0..1 scale), which the
 converted weights expect. For Keras weights, convert with --rgb and add
---config.mean_rgb="(123.68,116.779,103.939)" --config.normalize_std=False: Keras's
+--config.mean_rgb=123.68,116.779,103.939 --config.normalize_std=False: Keras's
 "caffe" convention flipped to RGB is the paper's own (RGB 0..255 minus the ImageNet
 mean RGB), that of nets trained with vgg_jax too (e.g. --config.init_from.checkpoint=
 $HOME/runs/vgg16), which take the same two flags. vgg_jax.convert prints the flags
@@ -32,8 +32,7 @@ def get_config():
   config.init_from.checkpoint = "/path/to/pretrained"  # convert/surgery output, workdir
   config.init_from.rule = "all_but_fc8"
   # torchvision's input convention on the 0..255 scale (vgg_jax.convert.pipeline_fields).
-  with config.ignore_type():  # mean_rgb is a name by default ("imagenet")
-    config.mean_rgb = (123.675, 116.28, 103.53)
+  config.mean_rgb = "123.675,116.28,103.53"
   config.normalize_std = True
   # Fine-tuning: a small learning rate, a few epochs, smaller batches for one GPU.
   config.learning_rate = 1e-3

@@ -283,9 +283,9 @@ def test_keras_bgr_net_flipped_to_rgb_input(tmp_path):
   # The paper's (Caffe's) convention: RGB 0..255 minus the mean RGB, which the input
   # pipeline's config fields express.
   assert convert.pipeline_fields(convention) == dict(
-      mean_rgb=(123.68, 116.779, 103.939), normalize_std=False)
+      mean_rgb="123.68,116.779,103.939", normalize_std=False)
   fields = convert.pipeline_fields(convert.TORCHVISION)
-  np.testing.assert_allclose(fields["mean_rgb"], (123.675, 116.28, 103.53))
+  assert fields["mean_rgb"] == "123.675,116.28,103.53"
   assert fields["normalize_std"]
   with pytest.raises(ValueError, match="--rgb"):
     convert.pipeline_fields(convert.KERAS_CAFFE)
@@ -302,7 +302,7 @@ def test_convert_command(tmp_path):
       cwd=repo, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '--config.mean_rgb="(123.68,116.779,103.939)" --config.normalize_std=False' \
+  assert "--config.mean_rgb=123.68,116.779,103.939 --config.normalize_std=False" \
       in result.stdout
   params, meta = checkpointing.load_params(str(tmp_path / "out"))
   assert (meta["model"], meta["source"], meta["input_convention"]["channel_order"]) == \

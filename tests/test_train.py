@@ -68,7 +68,7 @@ def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
   config = tiny_config(dataset=f"folder:{fashion_folder}", eval_split="val",
                        width=1 / 8, fc_width=64, batch_size=32,
                        log_every_steps=5, checkpoint_every_steps=10, dropout_rate=0.0,
-                       learning_rate=0.02, num_epochs=3)
+                       learning_rate=0.02, num_epochs=3, final_eval_protocols="dense")
   result = train.train_and_evaluate(config, str(tmp_path))
   records = read_jsonl(tmp_path / "metrics.jsonl")
   losses = [r["train_loss"] for r in records if "train_loss" in r]
@@ -81,7 +81,7 @@ def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
   assert len(os.listdir(tmp_path / "checkpoints_best")) == 1
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
   for name in ("learning_curves.png", "confusion_matrix.png", "final_eval.json",
-               "config.json"):
+               "config.json", "eval_table.md", "eval_table.json"):
     assert (tmp_path / name).exists(), name
   params, meta = checkpointing.load_params(str(tmp_path))
   assert meta["model"] == "A" and meta["step"] == 60 and "fc8" in params
@@ -202,3 +202,66 @@ def test_main_rejects_a_batch_the_devices_do_not_divide(tmp_path):
   assert result.returncode != 0
   assert "config.batch_size=100 is not divisible by the 8 devices" in result.stderr
   assert not os.listdir(tmp_path)
+
+
+TINY_CONFIG_FILE = '''
+from configs import default
+
+def get_config():
+  config = default.get_config()
+  config.update(dict(
+      model="A", width=1 / 16, fc_width=32, init="he", channels=1, crop_size=32,
+      train_scale_min=32, train_scale_max=36, eval_scale=32, color_shift_std=0.0,
+      mean_rgb="compute", normalize_std=True, batch_size=16, learning_rate=0.02,
+      num_epochs=2, log_every_steps=2, checkpoint_every_steps=100, dropout_rate=0.0,
+      dataset="folder:{folder}", eval_split="val"))
+  return config
+'''
+
+
+def free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not os.environ.get("VGG_JAX_MULTIPROCESS_TEST"), reason=(
+    "opt-in (VGG_JAX_MULTIPROCESS_TEST=1): on a 2-core machine the two gloo processes "
+    "have intermittently hung"))
+def test_two_processes_match_one_process(tmp_path):
+  """Multi-host data parallelism: 2 processes x 2 CPU devices (jax.distributed, gloo)
+  end with the parameters of 1 process x 4 devices."""
+  if not os.path.isdir(FASHION_MNIST):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  folder = tmp_path / "images"
+  write_fashion_mnist_folder(str(folder), {"train": 64, "val": 20})
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(TINY_CONFIG_FILE.format(folder=folder))
+
+  def launch(workdir, devices, *extra):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "vgg_jax.main", f"--config={config_file}",
+         f"--workdir={workdir}", *extra], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  port = free_port()
+  processes = [launch(tmp_path / "two", 2, "--config.distributed=True",
+                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}") for i in range(2)]
+  single = launch(tmp_path / "one", 4)
+  try:
+    for p in processes + [single]:
+      output, _ = p.communicate(timeout=300)
+      assert p.returncode == 0, output[-3000:]
+  finally:
+    for p in processes + [single]:
+      p.kill()
+  two, meta = checkpointing.load(str(tmp_path / "two"))
+  one, _ = checkpointing.load(str(tmp_path / "one"))
+  assert meta["step"] == 8
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                                 atol=1e-6), one, two)
+  final = json.loads((tmp_path / "two" / "final_eval.json").read_text())
+  assert final["examples"] == 20  # every validation image once, over both processes

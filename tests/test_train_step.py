@@ -201,3 +201,25 @@ def test_schedule_from_dataset_size():
   config = tiny_config(batch_size=16, num_epochs=3)
   schedule = train.Schedule.create(config, num_train=100)
   assert dataclasses.astuple(schedule) == (6, 18, 6, 1000)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = tiny_config(dtype="bfloat16")
+  params, metrics = run_steps(config, parallel.DeviceMapping("pmap",
+                                                             jax.local_devices()[:2]))
+  leaves = jax.tree_util.tree_leaves(params)
+  assert all(leaf.dtype == np.float32 for leaf in leaves)
+  assert all(np.isfinite(leaf).all() for leaf in leaves)
+  reference, reference_metrics = run_steps(
+      tiny_config(), parallel.DeviceMapping("pmap", jax.local_devices()[:2]))
+  np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=0.05)
+
+
+def test_benchmark_runs_the_real_step():
+  from vgg_jax import benchmark  # pylint: disable=g-import-not-at-top
+  result = benchmark.benchmark(model="A", batch_size=16, dtype="float32", width=1 / 16,
+                               fc_width=16, image_size=32, num_classes=10, steps=2,
+                               warmup=1)
+  assert result["devices"] == 8 and result["images_per_second"] > 0
+  assert result["macs_per_image"] == 701_344  # summary.count_macs of this net
+  assert benchmark.known_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0

@@ -135,7 +135,7 @@ def pipeline_fields(convention: Mapping[str, Any]) -> dict:
                      f"apply_input_convention.")
   scale = convention["scale"]
   mean = [0.0, 0.0, 0.0] if convention["mean"] is None else convention["mean"]
-  return dict(mean_rgb=tuple(round(m / scale, 4) for m in mean),
+  return dict(mean_rgb=",".join(f"{round(m / scale, 4):g}" for m in mean),
               normalize_std=convention["std"] is not None)
 
 
@@ -435,10 +435,8 @@ def main(argv):
         f"{models.count_params(params):,} parameters: {meta}")
   print(f"Wrote {FLAGS.output}. Input convention: {meta['input_convention']}")
   if meta["input_convention"]["channel_order"] == "RGB":
-    fields = " ".join(
-        f'--config.{k}="({",".join(map(str, v))})"' if isinstance(v, tuple)
-        else f"--config.{k}={v}"
-        for k, v in pipeline_fields(meta["input_convention"]).items())
+    fields = " ".join(f"--config.{k}={v}"
+                      for k, v in pipeline_fields(meta["input_convention"]).items())
     print(f"To train or evaluate it with vgg_jax's input pipeline: {fields}")
 
 

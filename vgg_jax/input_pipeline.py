@@ -371,11 +371,15 @@ def validate_config(config) -> None:
   if config.eval_scale < config.crop_size:
     problems.append(f"eval_scale={config.eval_scale} < crop_size={config.crop_size}: "
                     "Q must be at least the crop size")
-  mean = config.mean_rgb
-  if isinstance(mean, str) and mean not in ("imagenet", "compute"):
-    problems.append(f"mean_rgb={mean!r}: use 'imagenet', 'compute' or numbers")
-  if not isinstance(mean, str) and len(mean) != config.channels:
-    problems.append(f"mean_rgb={mean!r} has not {config.channels} values (channels)")
+  if config.mean_rgb not in ("imagenet", "compute"):
+    try:
+      mean = mean_values(config.mean_rgb)
+      if len(mean) != config.channels:
+        problems.append(f"mean_rgb={config.mean_rgb!r} has not {config.channels} values "
+                        "(channels)")
+    except ValueError:
+      problems.append(f"mean_rgb={config.mean_rgb!r}: use 'imagenet', 'compute' or "
+                      "numbers, e.g. '123.68,116.78,103.94'")
   if problems:
     raise ValueError("Bad data config: " + "; ".join(problems) + ".")
 
@@ -390,13 +394,24 @@ def per_process_batch_size(batch_size: int) -> int:
   return batch_size // processes
 
 
+def mean_values(mean_rgb) -> tuple[float, ...]:
+  """Numbers of a mean_rgb field: a sequence, or a string like '123.68,116.78,103.94'.
+
+  (A string, so that the field keeps one type and command lines can set it.)
+  """
+  if isinstance(mean_rgb, str):
+    mean_rgb = [v for v in mean_rgb.strip("()[] ").split(",") if v.strip()]
+  return tuple(float(v) for v in mean_rgb)
+
+
 def normalization(config, workdir: str | None = None):
   """(mean, std or None) per channel on the 0..255 scale, from `config.mean_rgb`."""
   if config.mean_rgb == "compute":
     stats = training_mean(config, workdir=workdir)
     mean, std = stats["mean"], stats["std"]
   else:
-    mean = IMAGENET_MEAN_RGB if config.mean_rgb == "imagenet" else tuple(config.mean_rgb)
+    mean = (IMAGENET_MEAN_RGB if config.mean_rgb == "imagenet"
+            else mean_values(config.mean_rgb))
     std = IMAGENET_STD_RGB
     if config.channels == 1 and len(mean) == 3:
       mean = (float(np.dot(GRAY_WEIGHTS, mean)),)

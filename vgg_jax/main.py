@@ -21,6 +21,11 @@ config_flags.DEFINE_config_file(
     "config", None, "A config file under configs/, e.g. configs/vgg16.py.",
     lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-host launch (with --config.distributed=True). Left unset, JAX detects them on
+# SLURM, Open MPI, TPU pods and Kubernetes, or reads JAX_COORDINATOR_ADDRESS.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
@@ -28,9 +33,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   if config.distributed:
-    # Multi-host: every process runs this same command; the coordinator address,
-    # process count and id come from the environment (SLURM, TPU pods, or JAX_* vars).
-    jax.distributed.initialize()
+    # Every process runs this same command. On CPUs, collectives across processes
+    # need gloo (GPUs and TPUs have their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
   logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   train.train_and_evaluate(config, FLAGS.workdir)

@@ -327,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule_state = plateau.initial_state(plateau_config)
     last_eval = {}
     if config.init_from.checkpoint:  # only a fresh run: a resumed one has its weights
-      from vgg_jax import surgery  # pylint: disable=g-import-not-at-top  (surgery uses train)
+      from vgg_jax import surgery  # pylint: disable=g-import-not-at-top
       params, report = surgery.init_params_from(config, host_state.params)
       host_state = host_state.replace(params=params)
       logging.info("Initialised from %s:\n%s", config.init_from.checkpoint, report)
@@ -405,6 +405,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     input_pipeline.eval_batches(config, workdir=workdir))
   checkpointer.close()
   writer.flush()
+  if config.final_eval_protocols:  # the paper's protocols (section 3.2) on the last net
+    from vgg_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    evaluate_lib.evaluate_run(config, workdir, protocols=config.final_eval_protocols)
   if jax.process_index() == 0:
     write_final_report(workdir, last_eval, confusion,
                        class_names=getattr(info, "class_names", None),
