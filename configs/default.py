@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 5e-4      # L2 on conv and FC kernels; biases are not decayed
-  config.num_epochs = 74          # cap; the plateau schedule usually stops earlier
+  config.num_epochs = 74.0        # cap; the plateau schedule usually stops earlier
   config.seed = 0
 
   # Learning-rate schedule: divide by 10 when validation top-1 accuracy stops improving.

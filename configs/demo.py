@@ -35,7 +35,7 @@ def get_config():
 
   config.batch_size = 128
   config.learning_rate = 0.02
-  config.num_epochs = 11          # a cap; the plateau schedule may end the run sooner
+  config.num_epochs = 11.0        # a cap; the plateau schedule may end the run sooner
   config.eval_every_steps = 234   # twice an epoch (468 steps)
   config.plateau.patience = 2     # an epoch without a 0.3% gain divides the rate by 10
   config.plateau.threshold = 3e-3

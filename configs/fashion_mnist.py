@@ -15,9 +15,9 @@ def get_config():
   config.width = 1 / 4            # 16, 32, 64, 128, 128 filters
   config.fc_width = 512
   config.learning_rate = 0.02
-  config.num_epochs = 24          # a cap; the plateau schedule usually ends it sooner
+  config.num_epochs = 24.0        # a cap; the plateau schedule usually ends it sooner
   config.eval_every_steps = None  # once per epoch
-  config.plateau.patience = 2
+  config.plateau.patience = 3
   config.plateau.threshold = 2e-3
   config.checkpoint_every_steps = 1000
   return config

@@ -5,6 +5,7 @@ Nets are width 1/16 with fc_width 16 on 32x32 crops, so every checkpoint is tiny
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -287,8 +288,8 @@ def write_folder(root, classes=("cat", "dog"), per_class=(4, 2)):
 
 def test_finetune_folder_end_to_end(tmp_path):
   """configs/finetune_folder.py on a tiny folder, from a 'pretrained' net with 10
-  classes: fc8 is fresh with the folder's 2 classes, the rest copied. (That a resumed
-  run does not apply the surgery again is tested with the training loop.)"""
+  classes: fc8 is fresh with the folder's 2 classes, the rest copied; a resumed run does
+  not apply the surgery again."""
   train = train_module()
   pretrained = str(tmp_path / "pretrained")
   rng = np.random.default_rng(2)
@@ -312,3 +313,9 @@ def test_finetune_folder_end_to_end(tmp_path):
   for layer in ("conv1_1", "conv5_2", "fc6", "fc7"):  # copied (learning rate ~ 0)
     np.testing.assert_allclose(params[layer]["kernel"], source[layer]["kernel"],
                                rtol=1e-5, atol=1e-7)
+  # Resuming (a longer run in the same workdir) must not read the source again: with
+  # the source gone, re-applying the surgery would fail.
+  shutil.rmtree(pretrained)
+  config.num_epochs = 2
+  metrics = train.train_and_evaluate(config, workdir)
+  assert metrics["step"] == 2

@@ -182,7 +182,7 @@ def test_workdir_of_another_model_is_refused(mnist, tmp_path):
 
 def run_main(*args):
   return subprocess.run([sys.executable, "-m", "vgg_jax.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=300)
 
 
 def test_main_rejects_an_unknown_config_field(tmp_path):
@@ -265,3 +265,19 @@ def test_two_processes_match_one_process(tmp_path):
                                                                  atol=1e-6), one, two)
   final = json.loads((tmp_path / "two" / "final_eval.json").read_text())
   assert final["examples"] == 20  # every validation image once, over both processes
+
+
+def test_the_demo_at_reduced_length(tmp_path):
+  """README's main job, configs/demo.py, for a tenth of an epoch on the real data."""
+  if not os.path.isdir(FASHION_MNIST):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install -y "
+                "dataset-fashion-mnist)")
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
+                    f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_epochs=0.1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = json.loads((tmp_path / "run" / "final_eval.json").read_text())
+  assert final["examples"] == 10_000
+  assert final["top1_error"] < 0.5  # 47 steps of 128 images: well past chance (0.9)
+  records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert max(r["step"] for r in records) == 47
+  assert (tmp_path / "run" / "confusion_matrix.png").exists()
