@@ -13,7 +13,6 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
 from configs import default
 from vgg_jax import checkpointing
@@ -88,12 +87,19 @@ def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
 
 
 @pytest.fixture
-def mnist():
-  """'mnist' under tfds.testing.mock_data: random 28x28 images, 10 classes."""
-  with tfds.testing.mock_data(num_examples=72):
-    yield tiny_config(dataset="mnist", eval_split="test", channels=1,
-                      train_scale_min=32, train_scale_max=32, mean_rgb="imagenet",
-                      normalize_std=False)
+def mnist(tmp_path):
+  """A folder of 72 random 28x28 gray PNGs per split over 10 classes (no mock: the
+  checkpoints and the data are real files)."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for i in range(72):
+      directory = tmp_path / "images" / split / f"class_{i % 10}"
+      directory.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+          directory / f"{i}.png")
+  return tiny_config(dataset=f"folder:{tmp_path / 'images'}", eval_split="test",
+                     channels=1, train_scale_min=32, train_scale_max=32,
+                     mean_rgb="imagenet", normalize_std=False)
 
 
 class Crash(Exception):

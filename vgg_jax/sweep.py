@@ -1,0 +1,341 @@
+"""Runs a sweep of trials (section 4's tables): `python -m vgg_jax.sweep
+--sweep=experiments/depth_vs_filter_size.py --workdir=DIR`.
+
+A sweep file under experiments/ defines `get_sweep()` returning a `Sweep` (or a dict of
+its fields): a base config file, overrides shared by every trial, and the trials, as a
+list and/or a grid of config overrides (dotted names such as "plateau.patience"), each
+run with every seed. `expand` turns it into `Trial`s; every override is checked against
+the base config before any trial starts. Each trial trains with
+`train.train_and_evaluate` in DIR/<trial name>; running the command again skips finished
+trials and resumes unfinished ones from their checkpoints.
+
+  --dry_run           print the trials and stop
+  --write_commands=F  write one `python -m vgg_jax.main ...` command per trial to F
+                      (for a cluster scheduler) instead of training
+  --only=SUBSTRING    only the trials whose name contains SUBSTRING
+
+`python -m vgg_jax.report --sweep_dir=DIR` then tabulates and plots the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import sys
+from typing import Any, Mapping, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRIAL_FILE = "trial.json"      # name, group, seed, overrides of the trial in its dir
+SWEEP_FILE = "sweep.json"      # the expanded sweep, in the sweep's workdir
+FINAL_FILE = "final_eval.json"
+# Filled in by train from the dataset when None: not a difference between runs.
+_FILLED_IN = ("num_classes",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A sweep: `config` (a config file, relative to the repo root) with `base` overrides
+  shared by all trials, then `trials` (a list of override dicts, each with an optional
+  "group" and "name") and/or `grid` (field -> values, every combination a trial), each
+  run once per seed in `seeds`."""
+  config: str = "configs/demo.py"
+  base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  trials: Sequence[Mapping[str, Any]] = ()
+  grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+  seeds: Sequence[int] = (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One run of a sweep: DIR/<name>, config = base config + sweep.base + overrides +
+  seed. Trials of one `group` differ only in their seed."""
+  name: str
+  group: str
+  overrides: dict
+  seed: int
+
+
+def slug(text: str) -> str:
+  """A name safe for a directory: "B filter 7" -> "B_filter_7"."""
+  return re.sub(r"[^A-Za-z0-9.=,+-]+", "_", text).strip("_")
+
+
+def _format(value: Any) -> str:
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def expand(sweep: Sweep | Mapping[str, Any]) -> list[Trial]:
+  """The trials of a sweep: each listed trial, then each grid point, times each seed.
+
+  A listed trial's group is its "group" entry, else its overrides written out; a grid
+  point's group is its values written out ("learning_rate=0.01 weight_decay=0.0005").
+  Names are `slug(group)-s<seed>`. Pure: reads no config and runs nothing.
+  """
+  sweep = as_sweep(sweep)
+  points = []
+  for entry in sweep.trials:
+    overrides = {k: v for k, v in entry.items() if k not in ("group", "name")}
+    group = entry.get("group") or " ".join(f"{k}={_format(v)}"
+                                           for k, v in overrides.items()) or "base"
+    points.append((group, entry.get("name") or slug(group), overrides))
+  if sweep.grid:
+    keys = list(sweep.grid)
+    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+      overrides = dict(zip(keys, values))
+      group = " ".join(f"{k}={_format(v)}" for k, v in overrides.items())
+      points.append((group, slug(group), overrides))
+  if not points:
+    points.append(("base", "base", {}))
+  trials = [Trial(name=f"{name}-s{seed}", group=group, overrides=dict(overrides),
+                  seed=int(seed))
+            for group, name, overrides in points for seed in sweep.seeds]
+  names = [t.name for t in trials]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise ValueError(f"Trial names must be unique; repeated: {duplicates}. Give the "
+                     f"trials distinct 'group' or 'name' entries.")
+  return trials
+
+
+def as_sweep(sweep: Sweep | Mapping[str, Any]) -> Sweep:
+  if isinstance(sweep, Sweep):
+    return sweep
+  unknown = set(sweep) - {f.name for f in dataclasses.fields(Sweep)}
+  if unknown:
+    raise ValueError(f"Unknown sweep entries {sorted(unknown)}; a sweep has "
+                     f"{[f.name for f in dataclasses.fields(Sweep)]}.")
+  return Sweep(**sweep)
+
+
+def load_sweep(path: str) -> Sweep:
+  """Imports a sweep file and returns its `get_sweep()`."""
+  module_name = "_sweep_" + slug(os.path.splitext(os.path.basename(path))[0])
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  if spec is None:
+    raise ValueError(f"Cannot import the sweep file {path!r}.")
+  module = importlib.util.module_from_spec(spec)
+  if REPO not in sys.path:  # sweep files import configs/ like config files do
+    sys.path.insert(0, REPO)
+  spec.loader.exec_module(module)
+  return as_sweep(module.get_sweep())
+
+
+def config_path(sweep: Sweep) -> str:
+  """The absolute path of the sweep's base config file (given relative to the repo)."""
+  return sweep.config if os.path.isabs(sweep.config) else os.path.join(REPO, sweep.config)
+
+
+def load_base_config(sweep: Sweep) -> ml_collections.ConfigDict:
+  path = config_path(sweep)
+  spec = importlib.util.spec_from_file_location("_sweep_base_config", path)
+  if spec is None or not os.path.exists(path):
+    raise ValueError(f"The sweep's base config {sweep.config!r} does not exist.")
+  module = importlib.util.module_from_spec(spec)
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config.<key> = value for a dotted key; ValueError naming an unknown field or a
+  value of the wrong type (ConfigDict semantics: no new fields, types kept)."""
+  node, parts = config, key.split(".")
+  for i, part in enumerate(parts[:-1]):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ValueError(f"Unknown config field {key!r}: there is no "
+                       f"{'.'.join(parts[:i + 1])!r} in the base config.")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
+    raise ValueError(f"Unknown config field {key!r}: not in the base config.")
+  try:
+    node[parts[-1]] = value
+  except (TypeError, KeyError, AttributeError) as e:
+    raise ValueError(f"Config field {key!r} cannot take {value!r}: {e}") from e
+
+
+def trial_config(sweep: Sweep, trial: Trial,
+                 base: ml_collections.ConfigDict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The base config with the sweep's shared overrides, the trial's and its seed."""
+  config = load_base_config(sweep) if base is None else copy.deepcopy(base)
+  for key, value in {**sweep.base, **trial.overrides, "seed": trial.seed}.items():
+    try:
+      set_field(config, key, value)
+    except ValueError as e:
+      raise ValueError(f"Trial {trial.name}: {e}") from e
+  return config
+
+
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(set(stored) | set(wanted)):
+    a, b = stored.get(key), wanted.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, f"{prefix}{key}.")
+    elif a != b and not (key in _FILLED_IN and not prefix and b is None):
+      out.append(f"{prefix}{key}: {a!r} in the workdir, {b!r} in the sweep")
+  return out
+
+
+def config_differences(trial_dir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """How TRIAL_DIR/config.json differs from CONFIG (empty: same, or no run yet)."""
+  path = os.path.join(trial_dir, "config.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    stored = json.load(f)
+  return _differences(stored, json.loads(config.to_json_best_effort()))
+
+
+def is_finished(trial_dir: str, config: ml_collections.ConfigDict) -> bool:
+  return (os.path.exists(os.path.join(trial_dir, FINAL_FILE))
+          and not config_differences(trial_dir, config))
+
+
+def prepare(sweep: Sweep, workdir: str, only: str | None = None
+            ) -> list[tuple[Trial, ml_collections.ConfigDict]]:
+  """Expands and validates every trial (configs built, checked by train's own
+  validation, compared with runs already in WORKDIR) before anything runs."""
+  from vgg_jax import train  # pylint: disable=g-import-not-at-top
+  base = load_base_config(sweep)
+  prepared = []
+  for trial in expand(sweep):
+    config = trial_config(sweep, trial, base)
+    try:
+      train.validate_config(config)
+    except ValueError as e:
+      raise ValueError(f"Trial {trial.name}: {e}") from e
+    if only and only not in trial.name:
+      continue
+    differ = config_differences(os.path.join(workdir, trial.name), config)
+    if differ:
+      raise ValueError(
+          f"{os.path.join(workdir, trial.name)} holds a run of another config ("
+          + "; ".join(differ) + "). Remove it or use a new --workdir.")
+    prepared.append((trial, config))
+  return prepared
+
+
+def write_trial_file(trial_dir: str, trial: Trial) -> None:
+  os.makedirs(trial_dir, exist_ok=True)
+  with open(os.path.join(trial_dir, TRIAL_FILE), "w") as f:
+    json.dump(dataclasses.asdict(trial), f, indent=2)
+
+
+def run(sweep: Sweep, workdir: str, only: str | None = None) -> dict[str, dict]:
+  """Trains every trial not yet finished; returns {trial name: final metrics} of the
+  trials trained now (finished ones are skipped: read their final_eval.json)."""
+  from vgg_jax import train  # pylint: disable=g-import-not-at-top
+  prepared = prepare(sweep, workdir, only)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
+    json.dump(dict(config=sweep.config, base=dict(sweep.base),
+                   trials=[dataclasses.asdict(t) for t in expand(sweep)]), f, indent=2)
+  results = {}
+  for i, (trial, config) in enumerate(prepared):
+    trial_dir = os.path.join(workdir, trial.name)
+    if is_finished(trial_dir, config):
+      logging.info("Trial %d/%d %s: finished, skipped.", i + 1, len(prepared), trial.name)
+      continue
+    logging.info("Trial %d/%d %s: %s", i + 1, len(prepared), trial.name, trial.overrides)
+    write_trial_file(trial_dir, trial)
+    results[trial.name] = train.train_and_evaluate(config, trial_dir)
+  return results
+
+
+def _flag_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(_flag_value(v) for v in value) + ("," if len(value) == 1 else "")
+  return str(value)
+
+
+def command(sweep: Sweep, trial: Trial, workdir: str) -> str:
+  """The shell command that trains TRIAL alone: `cd REPO && python -m vgg_jax.main
+  --config=<base config> --workdir=WORKDIR/<trial> --config.<field>=<value> ...`."""
+  args = ["python", "-m", "vgg_jax.main", f"--config={sweep.config}",
+          f"--workdir={os.path.abspath(os.path.join(workdir, trial.name))}"]
+  for key, value in {**sweep.base, **trial.overrides, "seed": trial.seed}.items():
+    if value is None:
+      raise ValueError(f"Trial {trial.name}: {key}=None cannot be set on a command line.")
+    args.append(f"--config.{key}={_flag_value(value)}")
+  return f"cd {shlex.quote(REPO)} && " + " ".join(shlex.quote(a) for a in args)
+
+
+def write_commands(sweep: Sweep, workdir: str, path: str, only: str | None = None
+                   ) -> list[str]:
+  """Writes one command per trial to PATH (after validating all of them)."""
+  prepared = prepare(sweep, workdir, only)
+  lines = [command(sweep, trial, workdir) for trial, _ in prepared]
+  for trial, _ in prepared:  # the report reads each trial's group from its dir
+    write_trial_file(os.path.join(workdir, trial.name), trial)
+  with open(path, "w") as f:
+    f.write("".join(line + "\n" for line in lines))
+  return lines
+
+
+def describe(trials: Sequence[Trial]) -> str:
+  """The trial list as text: name, group, seed, overrides."""
+  width = max([len(t.name) for t in trials] + [4])
+  gwidth = max([len(t.group) for t in trials] + [5])
+  lines = [f"{'name':<{width}}  {'group':<{gwidth}}  seed  overrides"]
+  for t in trials:
+    overrides = " ".join(f"{k}={_format(v)}" for k, v in t.overrides.items())
+    lines.append(f"{t.name:<{width}}  {t.group:<{gwidth}}  {t.seed:>4}  {overrides}")
+  return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("sweep", None, "A sweep file, e.g. experiments/lr_wd_sweep.py.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "The sweep's directory; each trial in a subdir.",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("dry_run", False, "Print the trials (after validating them) and "
+                    "stop.", flag_values=flag_values)
+  flags.DEFINE_string("write_commands", None, "Write one training command per trial to "
+                      "this file instead of training.", flag_values=flag_values)
+  flags.DEFINE_string("only", None, "Only the trials whose name contains this.",
+                      flag_values=flag_values)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.sweep or not FLAGS.workdir:
+    raise app.UsageError("--sweep and --workdir are required.")
+  sweep = load_sweep(FLAGS.sweep)
+  if FLAGS.dry_run:
+    prepared = prepare(sweep, FLAGS.workdir, FLAGS.only)
+    print(f"{len(prepared)} trials of {FLAGS.sweep} (base config {sweep.config}, "
+          f"shared overrides {dict(sweep.base)}):")
+    print(describe([t for t, _ in prepared]))
+    return
+  if FLAGS.write_commands:
+    lines = write_commands(sweep, FLAGS.workdir, FLAGS.write_commands, FLAGS.only)
+    print(f"Wrote {len(lines)} commands to {FLAGS.write_commands}.")
+    return
+  run(sweep, FLAGS.workdir, FLAGS.only)
+
+
+if __name__ == "__main__":
+  # Run through the imported module, so that sweep files share its Sweep class.
+  from vgg_jax import sweep as _sweep  # pylint: disable=g-import-not-at-top
+  _sweep.define_flags()
+  app.run(_sweep.main)
