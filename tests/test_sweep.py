@@ -14,13 +14,14 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
-from PIL import Image
 import pytest
 
 from vgg_jax import input_pipeline
 from vgg_jax import report
 from vgg_jax import sweep
 from vgg_jax import train
+
+import test_train  # pylint: disable=g-bad-import-order  (tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,20 +117,12 @@ def test_a_bad_override_raises_before_any_trial_starts(trial, message, tmp_path,
     sweep.write_commands(s, str(tmp_path), str(tmp_path / "commands.sh"))
 
 
-class Crash(Exception):
-  pass
+Crash = test_train.Crash
 
 
-def image_folder(root, per_split=(("train", 48), ("val", 16))):
+def image_folder(root):
   """root/{train,val}/class_{0,1}/*.png of random 28x28 gray images."""
-  rng = np.random.default_rng(0)
-  for split, count in per_split:
-    for i in range(count):
-      directory = os.path.join(root, split, f"class_{i % 2}")
-      os.makedirs(directory, exist_ok=True)
-      Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
-          os.path.join(directory, f"{i}.png"))
-  return root
+  return test_train.write_random_image_folder(root, (("train", 48), ("val", 16)), 2)
 
 
 def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):

@@ -86,17 +86,24 @@ def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
   assert meta["model"] == "A" and meta["step"] == 60 and "fc8" in params
 
 
+def write_random_image_folder(root, per_split, num_classes):
+  """root/<split>/class_<k>/*.png of random 28x28 gray images, image i in class
+  i % NUM_CLASSES; PER_SPLIT: ((split, count), ...). Returns ROOT."""
+  rng = np.random.default_rng(0)
+  for split, count in per_split:
+    for i in range(count):
+      directory = os.path.join(root, split, f"class_{i % num_classes}")
+      os.makedirs(directory, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+          os.path.join(directory, f"{i}.png"))
+  return root
+
+
 @pytest.fixture
 def mnist(tmp_path):
   """A folder of 72 random 28x28 gray PNGs per split over 10 classes (no mock: the
   checkpoints and the data are real files)."""
-  rng = np.random.default_rng(0)
-  for split in ("train", "test"):
-    for i in range(72):
-      directory = tmp_path / "images" / split / f"class_{i % 10}"
-      directory.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
-          directory / f"{i}.png")
+  write_random_image_folder(str(tmp_path / "images"), (("train", 72), ("test", 72)), 10)
   return tiny_config(dataset=f"folder:{tmp_path / 'images'}", eval_split="test",
                      channels=1, train_scale_min=32, train_scale_max=32,
                      mean_rgb="imagenet", normalize_std=False)

@@ -3,6 +3,8 @@
 Layout of a workdir:
 
   WORKDIR/config.json               the frozen config of the run
+  WORKDIR/metrics.jsonl             its scalars, a JSON object per line
+  WORKDIR/final_eval.json           its last evaluation, once it has finished
   WORKDIR/checkpoints/<step>/       the newest few checkpoints (config.keep_checkpoints)
   WORKDIR/checkpoints_best/<step>/  the checkpoint with the best validation accuracy
 
@@ -25,6 +27,8 @@ import orbax.checkpoint as ocp
 LATEST = "checkpoints"
 BEST = "checkpoints_best"
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_EVAL_FILE = "final_eval.json"
 
 
 def _manager(directory: str, max_to_keep: int | None, *, create: bool = True):

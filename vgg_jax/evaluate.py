@@ -223,9 +223,8 @@ def errors(posteriors: Posteriors) -> dict:
 
   Ties count against, as in training's evaluation."""
   probs, labels = posteriors.probs[posteriors.seen], posteriors.labels[posteriors.seen]
-  label_probs = np.take_along_axis(probs, labels[:, None].astype(np.int64), axis=-1)
-  higher = np.sum(probs > label_probs, axis=-1)
-  counts = np.array([np.sum(higher < 1), np.sum(higher < 5), len(labels)], np.int64)
+  counts = np.array([int(np.sum(train.correct_top_k(probs, labels, k))) for k in (1, 5)]
+                    + [len(labels)], np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
@@ -490,8 +489,9 @@ class Evaluator:
     keys = ("image", "boxes") if pass_name == "multi_crop" else ("image",)
     start = time.perf_counter()
     ds = self._examples(pass_name, scale, split, workdir or self.net.path)
-    ds = _bucket_by_shape(ds, functools.partial(self._images_per_device, p,
-                                                crops_per_device), devices)
+    per_device = functools.partial(self._images_per_device, p, crops_per_device)
+    ds = input_pipeline.bucket_by_shape(
+        ds, lambda height, width: devices * per_device(height, width))
     options = tf.data.Options()
     options.deterministic = True
     skipped = 0
@@ -521,22 +521,6 @@ class Evaluator:
       logging.warning("%s at Q=%d: %d undecodable image(s) left out.", pass_name, scale,
                       skipped)
     return Posteriors(probs, labels, seen, time.perf_counter() - start)
-
-
-def _bucket_by_shape(ds: tf.data.Dataset, per_device: Callable, devices: int
-                     ) -> tf.data.Dataset:
-  """Batches of one image shape each, of DEVICES * PER_DEVICE(height, width) examples
-  at most (the last of a shape partial): `input_pipeline.bucket_by_shape` with a batch
-  size that depends on the shape. Every example lands in exactly one batch."""
-  def key(example):
-    shape = tf.shape(example["image"], out_type=tf.int64)
-    return shape[0] * (1 << 20) + shape[1]
-
-  def window_size(k):
-    return devices * tf.cast(per_device(k // (1 << 20), k % (1 << 20)), tf.int64)
-
-  return ds.group_by_window(key, lambda k, window: window.batch(window_size(k)),
-                            window_size_func=window_size)
 
 
 # -------------------------------------------------------------------- the table

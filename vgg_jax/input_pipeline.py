@@ -203,17 +203,25 @@ def eval_examples(config, *, scale: int, split: str | None = None,
                             _shard_size(data.num_examples))
 
 
-def bucket_by_shape(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+def bucket_by_shape(ds: tf.data.Dataset,
+                    batch_size: int | Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+                    ) -> tf.data.Dataset:
   """Batches of up to BATCH_SIZE examples of one image shape each (the last ones partial).
 
-  Every example of DS lands in exactly one batch; 'index' tells which one it is.
+  BATCH_SIZE may be a function of the images' (height, width) (int64 tensors), so that
+  large images come in smaller batches. Every example of DS lands in exactly one batch;
+  'index' tells which one it is.
   """
   def key(example):
     shape = tf.shape(example["image"], out_type=tf.int64)
     return shape[0] * (1 << 20) + shape[1]
 
-  return ds.group_by_window(key, lambda _, window: window.batch(batch_size),
-                            window_size=batch_size)
+  def window_size(k):
+    size = batch_size(k // (1 << 20), k % (1 << 20)) if callable(batch_size) else batch_size
+    return tf.cast(size, tf.int64)
+
+  return ds.group_by_window(key, lambda k, window: window.batch(window_size(k)),
+                            window_size_func=window_size)
 
 
 def dense_eval_batches(config, *, scale: int, batch_size: int, split: str | None = None,

@@ -27,11 +27,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from vgg_jax import checkpointing
 from vgg_jax import models
 from vgg_jax import plots
 from vgg_jax import summary
-
-TRIAL_FILE = "trial.json"  # as vgg_jax.sweep.TRIAL_FILE (not imported: no flags)
+from vgg_jax import sweep
 
 
 @dataclasses.dataclass
@@ -64,21 +64,19 @@ def wall_time(records: Sequence[dict]) -> float:
 
 def read_trial(trial_dir: str) -> TrialResult | None:
   """A trial directory's files; None if it holds no run (no config.json)."""
-  config_path = os.path.join(trial_dir, "config.json")
-  if not os.path.exists(config_path):
+  config = checkpointing.read_config(trial_dir)
+  if config is None:
     return None
-  with open(config_path) as f:
-    config = json.load(f)
   name = os.path.basename(os.path.normpath(trial_dir))
-  trial_path = os.path.join(trial_dir, TRIAL_FILE)
+  trial_path = os.path.join(trial_dir, sweep.TRIAL_FILE)
   if os.path.exists(trial_path):
     with open(trial_path) as f:
       trial = json.load(f)
   else:  # a run not made by the sweep: its name without the seed suffix
     trial = dict(group=re.sub(r"-s\d+$", "", name), seed=config.get("seed", 0))
-  metrics_path = os.path.join(trial_dir, "metrics.jsonl")
+  metrics_path = os.path.join(trial_dir, checkpointing.METRICS_FILE)
   records = plots.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-  final_path = os.path.join(trial_dir, "final_eval.json")
+  final_path = os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE)
   final = None
   if os.path.exists(final_path):
     with open(final_path) as f:

@@ -35,10 +35,11 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from vgg_jax import checkpointing
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_FILE = "trial.json"      # name, group, seed, overrides of the trial in its dir
 SWEEP_FILE = "sweep.json"      # the expanded sweep, in the sweep's workdir
-FINAL_FILE = "final_eval.json"
 # Filled in by train from the dataset when None: not a difference between runs.
 _FILLED_IN = ("num_classes",)
 
@@ -118,17 +119,22 @@ def as_sweep(sweep: Sweep | Mapping[str, Any]) -> Sweep:
   return Sweep(**sweep)
 
 
+def _import_file(path: str, module_name: str, what: str):
+  """Imports the Python file PATH (a sweep or config file) as a module."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  if spec is None or not os.path.exists(path):
+    raise ValueError(f"{what} {path!r} does not exist or cannot be imported.")
+  module = importlib.util.module_from_spec(spec)
+  if REPO not in sys.path:  # sweep and config files import configs/ from the repo root
+    sys.path.insert(0, REPO)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_sweep(path: str) -> Sweep:
   """Imports a sweep file and returns its `get_sweep()`."""
   module_name = "_sweep_" + slug(os.path.splitext(os.path.basename(path))[0])
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  if spec is None:
-    raise ValueError(f"Cannot import the sweep file {path!r}.")
-  module = importlib.util.module_from_spec(spec)
-  if REPO not in sys.path:  # sweep files import configs/ like config files do
-    sys.path.insert(0, REPO)
-  spec.loader.exec_module(module)
-  return as_sweep(module.get_sweep())
+  return as_sweep(_import_file(path, module_name, "The sweep file").get_sweep())
 
 
 def config_path(sweep: Sweep) -> str:
@@ -137,15 +143,8 @@ def config_path(sweep: Sweep) -> str:
 
 
 def load_base_config(sweep: Sweep) -> ml_collections.ConfigDict:
-  path = config_path(sweep)
-  spec = importlib.util.spec_from_file_location("_sweep_base_config", path)
-  if spec is None or not os.path.exists(path):
-    raise ValueError(f"The sweep's base config {sweep.config!r} does not exist.")
-  module = importlib.util.module_from_spec(spec)
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return _import_file(config_path(sweep), "_sweep_base_config",
+                      "The sweep's base config").get_config()
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -191,16 +190,14 @@ def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 def config_differences(trial_dir: str, config: ml_collections.ConfigDict) -> list[str]:
   """How TRIAL_DIR/config.json differs from CONFIG (empty: same, or no run yet)."""
-  path = os.path.join(trial_dir, "config.json")
-  if not os.path.exists(path):
+  stored = checkpointing.read_config(trial_dir)
+  if stored is None:
     return []
-  with open(path) as f:
-    stored = json.load(f)
   return _differences(stored, json.loads(config.to_json_best_effort()))
 
 
 def is_finished(trial_dir: str, config: ml_collections.ConfigDict) -> bool:
-  return (os.path.exists(os.path.join(trial_dir, FINAL_FILE))
+  return (os.path.exists(os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE))
           and not config_differences(trial_dir, config))
 
 

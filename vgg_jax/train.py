@@ -32,6 +32,7 @@ from vgg_jax import models
 from vgg_jax import parallel
 from vgg_jax import plateau
 from vgg_jax import plots
+from vgg_jax import surgery
 
 AXIS = parallel.AXIS
 
@@ -236,7 +237,7 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     return metric_writers.create_default_writer(just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+      JsonlWriter(os.path.join(workdir, checkpointing.METRICS_FILE))])
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -280,9 +281,9 @@ def summarize_train_metrics(per_step: list[dict]) -> dict[str, float]:
 def write_final_report(workdir: str, eval_metrics: dict, confusion: np.ndarray, *,
                        class_names=None, title: str = "") -> None:
   """final_eval.json, learning_curves.png and confusion_matrix.png in the workdir."""
-  with open(os.path.join(workdir, "final_eval.json"), "w") as f:
+  with open(os.path.join(workdir, checkpointing.FINAL_EVAL_FILE), "w") as f:
     json.dump(dict(eval_metrics, confusion=confusion.tolist()), f)
-  plots.plot_learning_curves(os.path.join(workdir, "metrics.jsonl"),
+  plots.plot_learning_curves(os.path.join(workdir, checkpointing.METRICS_FILE),
                              os.path.join(workdir, "learning_curves.png"), title=title)
   plots.plot_confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"),
                               class_names=class_names, title=title)
@@ -327,7 +328,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule_state = plateau.initial_state(plateau_config)
     last_eval = {}
     if config.init_from.checkpoint:  # only a fresh run: a resumed one has its weights
-      from vgg_jax import surgery  # pylint: disable=g-import-not-at-top
       params, report = surgery.init_params_from(config, host_state.params)
       host_state = host_state.replace(params=params)
       logging.info("Initialised from %s:\n%s", config.init_from.checkpoint, report)
