@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -142,3 +142,26 @@ def read_config(workdir: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+# Fields that a run fills in from the dataset when its config leaves them None: a stored
+# value against None is agreement, not a difference.
+FILLED_IN_FIELDS = ("num_classes",)
+
+
+def config_differences(stored: Mapping, wanted: Mapping, *,
+                       keys: Iterable[str] | None = None,
+                       prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(field, stored value, wanted value) for each field where two configs disagree.
+
+  Nested dicts are compared field by field (dotted names); KEYS limits the comparison
+  to those top-level fields, in that order.
+  """
+  out = []
+  for key in (list(keys) if keys is not None else sorted(set(stored) | set(wanted))):
+    a, b = stored.get(key), wanted.get(key)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += config_differences(a, b, prefix=f"{prefix}{key}.")
+    elif a != b and not (not prefix and key in FILLED_IN_FIELDS and b is None):
+      out.append((prefix + key, a, b))
+  return out

@@ -341,13 +341,14 @@ def _merged(config, updates: dict) -> ml_collections.ConfigDict:
 
 
 def _architecture_differences(config, described: dict) -> list[str]:
-  def same(k):
-    a, b = described[k], config.get(k)
-    if k == "model":
-      return models.canonical_name(a) == models.canonical_name(b)
-    return a == b or (k == "num_classes" and b is None)
-  return [f"{k}: {described[k]!r} in the checkpoint, {config.get(k)!r} in the config"
-          for k in train.ARCHITECTURE_FIELDS if k in described and not same(k)]
+  def canonical(fields):  # "vgg16" and "D" name the same net
+    if fields.get("model") is None:
+      return fields
+    return dict(fields, model=models.canonical_name(fields["model"]))
+  keys = [k for k in train.ARCHITECTURE_FIELDS if k in described]
+  return [f"{k}: {a!r} in the checkpoint, {b!r} in the config" for k, a, b in
+          checkpointing.config_differences(canonical(described), canonical(config.to_dict()),
+                                           keys=keys)]
 
 
 def _param_differences(expected: Any, params: Any) -> list[str]:

@@ -448,8 +448,12 @@ def training_mean(config, workdir: str | None = None) -> dict:
                config.train_split, data.num_examples, stats)
   for path in paths:
     try:
-      with open(path, "w") as f:
+      # Written aside and renamed: several processes may compute and cache at once,
+      # and none may read a half-written file.
+      partial = f"{path}.{os.getpid()}.tmp"
+      with open(partial, "w") as f:
         json.dump(stats, f)
+      os.replace(partial, path)
       logging.info("Cached them in %s.", path)
       break
     except OSError:
@@ -642,6 +646,9 @@ def _prepared_builder(name: str, data_dir, manual_dir):
   try:
     builder.download_and_prepare(download_config=download_config)
   except Exception as e:  # pylint: disable=broad-except
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():  # another process (of a multi-host run) finished first
+      return builder
     if name == "fashion_mnist":
       from vgg_jax import fashion_mnist  # pylint: disable=g-import-not-at-top
       if fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):

@@ -51,8 +51,10 @@ class DeviceMapping:
     check_mapping(mapping)
     self.kind = mapping
     if devices is None:
-      # pmap takes each host's local devices; shard_map works on global arrays.
-      devices = jax.local_devices() if mapping == "pmap" else jax.devices()
+      # All devices of all processes, for both mappings: a pmap over only the local
+      # devices would all-reduce within each process and leave the hosts' parameters
+      # to drift apart (tests/test_train.py runs two processes against one).
+      devices = jax.devices()
     self.devices = list(devices)
     self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
     self.sharding = NamedSharding(self.mesh, P(AXIS))

@@ -194,7 +194,8 @@ def plot_error_vs(rows: Sequence[GroupRow], stat: str, xlabel: str, png_path: st
     if len(errors) == 0:
       continue
     x = row.stats[stat]
-    ax.errorbar([x], [np.mean(errors)], yerr=[np.std(errors)], fmt="o", capsize=3)
+    spread = np.std(errors, ddof=1) if len(errors) > 1 else 0.0  # as in the table
+    ax.errorbar([x], [np.mean(errors)], yerr=[spread], fmt="o", capsize=3)
     ax.annotate(row.group, (x, np.mean(errors)), textcoords="offset points",
                 xytext=(5, 5), fontsize=8)
   ax.set(xlabel=xlabel, ylabel="top-1 error (%)", title=title)

@@ -40,8 +40,6 @@ from vgg_jax import checkpointing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_FILE = "trial.json"      # name, group, seed, overrides of the trial in its dir
 SWEEP_FILE = "sweep.json"      # the expanded sweep, in the sweep's workdir
-# Filled in by train from the dataset when None: not a difference between runs.
-_FILLED_IN = ("num_classes",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,23 +175,13 @@ def trial_config(sweep: Sweep, trial: Trial,
   return config
 
 
-def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-  out = []
-  for key in sorted(set(stored) | set(wanted)):
-    a, b = stored.get(key), wanted.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _differences(a, b, f"{prefix}{key}.")
-    elif a != b and not (key in _FILLED_IN and not prefix and b is None):
-      out.append(f"{prefix}{key}: {a!r} in the workdir, {b!r} in the sweep")
-  return out
-
-
 def config_differences(trial_dir: str, config: ml_collections.ConfigDict) -> list[str]:
   """How TRIAL_DIR/config.json differs from CONFIG (empty: same, or no run yet)."""
   stored = checkpointing.read_config(trial_dir)
   if stored is None:
     return []
-  return _differences(stored, json.loads(config.to_json_best_effort()))
+  return [f"{k}: {a!r} in the workdir, {b!r} in the sweep" for k, a, b in
+          checkpointing.config_differences(stored, json.loads(config.to_json_best_effort()))]
 
 
 def is_finished(trial_dir: str, config: ml_collections.ConfigDict) -> bool:

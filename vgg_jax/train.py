@@ -245,10 +245,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   previous = checkpointing.read_config(workdir)
   if previous is None:
     return
-  differ = [f"{k}: {previous.get(k)!r} in the workdir, {config.get(k)!r} now"
-            for k in ARCHITECTURE_FIELDS
-            if previous.get(k) != config.get(k)
-            and not (k == "num_classes" and config.get(k) is None)]
+  differ = [f"{k}: {a!r} in the workdir, {b!r} now" for k, a, b in
+            checkpointing.config_differences(previous, config, keys=ARCHITECTURE_FIELDS)]
   if differ:
     raise ValueError(
         f"The workdir {workdir!r} holds a run of another architecture ("
