@@ -64,7 +64,8 @@ def test_lr_wd_sweep_expands_to_the_grid():
   assert {t.seed for t in trials} == {0}
 
 
-@pytest.mark.parametrize("name", ["depth_vs_filter_size.py", "lr_wd_sweep.py"])
+@pytest.mark.parametrize("name", ["depth_vs_filter_size.py", "lr_wd_sweep.py",
+                                  "depth_with_more_epochs.py"])
 def test_experiment_configs_are_valid(name, tmp_path):
   s = sweep.load_sweep(os.path.join(REPO, "experiments", name))
   prepared = sweep.prepare(s, str(tmp_path))
@@ -241,7 +242,11 @@ def test_report_tables_and_plots_from_metric_files(tmp_path):
   write_trial(root, "B_filter_7-s0", "B filter 7", 0, model="B", filter_size=7,
               top1=0.09, top5=0.005, evals=(0.15, 0.09))
   write_trial(root, "B_filter_7-s1", "B filter 7", 1, model="B", filter_size=7)
+  with open(os.path.join(root, sweep.SWEEP_FILE), "w") as f:  # the sweep's order
+    json.dump(dict(trials=[dict(name=n) for n in ("B_filter_7-s0", "B_filter_7-s1",
+                                                   "A-s0", "A-s1")]), f)
   text = report.write_report(root, title="depth")
+  assert text.index("| B filter 7 |") < text.index("| A |")  # not name order
   params_a = report.summary.count_params_from_spec(
       "A", image_size=32, channels=1, num_classes=10, width=3 / 16, fc_width=256)
   macs_b7 = report.summary.count_macs(

@@ -86,9 +86,17 @@ def read_trial(trial_dir: str) -> TrialResult | None:
 
 
 def read_sweep(sweep_dir: str) -> list[TrialResult]:
-  """Every trial under SWEEP_DIR, in directory order."""
+  """Every trial under SWEEP_DIR: in the sweep's order (its sweep.json), then any
+  other run directories in name order."""
+  order = []
+  sweep_file = os.path.join(sweep_dir, sweep.SWEEP_FILE)
+  if os.path.exists(sweep_file):
+    with open(sweep_file) as f:
+      order = [t["name"] for t in json.load(f)["trials"]]
+  entries = sorted(os.listdir(sweep_dir),
+                   key=lambda e: (order.index(e), "") if e in order else (len(order), e))
   trials = []
-  for entry in sorted(os.listdir(sweep_dir)):
+  for entry in entries:
     path = os.path.join(sweep_dir, entry)
     if os.path.isdir(path):
       trial = read_trial(path)
