@@ -11,14 +11,13 @@ convs replaced by one 5x5 conv, had a 7% higher top-1 error than B.
 
 The demo recipe (configs/demo.py: width 3/16, fc 256, S in [32, 36], 32x32 crops, lr
 0.02, weight decay 5e-4, dropout 0.5), cut to ONE epoch (468 steps of 128 images,
-validated twice) so that the 27 trials fit about an hour on 2 CPU cores. Estimated, not
-measured: the demo's train step does ~1,340 img/s on net A at this width, i.e. ~45 s an
-epoch; other nets are taken to be slower in proportion to their multiply-adds per image
-(vgg_jax.summary.count_macs at 32x32, relative to A: A-LRN 1.0, B 1.48, C 1.54, D 2.02,
-E 2.57, B-5x5 1.24, B filter 5 4.09, B filter 7 7.99), plus ~11% for the two validations
-and ~15 s of start-up and compilation a trial: ~64 min for the 27 trials (B filter 7
-alone ~21 min). One epoch is short of convergence (the demo's 11 take the error down
-further), so differences of a few tenths of a percent are within seed noise.
+validated twice) so that the 27 trials fit about an hour on 2 CPU cores. Measured: 66
+minutes for the 27 trials, one after another; a trial of A to E took 1.4 to 1.8
+minutes (about 1,350 img/s for A, 760 for D), B with 5x5 filters 4.3 and B with 7x7
+filters 6.1 (290 and 190 img/s). One epoch is short of convergence: the seeds' spread
+is 0.6 to 2.3 points of top-1 error. Results: experiments/results/depth_vs_filter_size/
+and README.md ("What our ablation shows"); depth_with_more_epochs.py trains A, D and E
+three times as long.
 """
 
 from vgg_jax import sweep
