@@ -450,10 +450,8 @@ def training_mean(config, workdir: str | None = None) -> dict:
     try:
       # Written aside and renamed: several processes may compute and cache at once,
       # and none may read a half-written file.
-      partial = f"{path}.{os.getpid()}.tmp"
-      with open(partial, "w") as f:
+      with tfds.core.utils.atomic_write(path, "w") as f:
         json.dump(stats, f)
-      os.replace(partial, path)
       logging.info("Cached them in %s.", path)
       break
     except OSError:

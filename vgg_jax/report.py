@@ -88,13 +88,12 @@ def read_trial(trial_dir: str) -> TrialResult | None:
 def read_sweep(sweep_dir: str) -> list[TrialResult]:
   """Every trial under SWEEP_DIR: in the sweep's order (its sweep.json), then any
   other run directories in name order."""
-  order = []
+  rank = {}
   sweep_file = os.path.join(sweep_dir, sweep.SWEEP_FILE)
   if os.path.exists(sweep_file):
     with open(sweep_file) as f:
-      order = [t["name"] for t in json.load(f)["trials"]]
-  entries = sorted(os.listdir(sweep_dir),
-                   key=lambda e: (order.index(e), "") if e in order else (len(order), e))
+      rank = {t["name"]: i for i, t in enumerate(json.load(f)["trials"])}
+  entries = sorted(os.listdir(sweep_dir), key=lambda e: (rank.get(e, len(rank)), e))
   trials = []
   for entry in entries:
     path = os.path.join(sweep_dir, entry)
@@ -145,13 +144,18 @@ def group_rows(trials: Sequence[TrialResult]) -> list[GroupRow]:
   return list(rows.values())
 
 
+def seed_std(values: np.ndarray) -> float:
+  """The sample standard deviation over seeds (ddof=1); 0 for a single seed."""
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def mean_std(values: np.ndarray) -> str:
   """"12.34 ± 0.56" (sample std over seeds), "12.34" for one value, "–" for none."""
   if len(values) == 0:
     return "–"
   if len(values) == 1:
     return f"{values[0]:.2f}"
-  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+  return f"{np.mean(values):.2f} ± {seed_std(values):.2f}"
 
 
 def _minutes(seconds: float) -> str:
@@ -202,8 +206,7 @@ def plot_error_vs(rows: Sequence[GroupRow], stat: str, xlabel: str, png_path: st
     if len(errors) == 0:
       continue
     x = row.stats[stat]
-    spread = np.std(errors, ddof=1) if len(errors) > 1 else 0.0  # as in the table
-    ax.errorbar([x], [np.mean(errors)], yerr=[spread], fmt="o", capsize=3)
+    ax.errorbar([x], [np.mean(errors)], yerr=[seed_std(errors)], fmt="o", capsize=3)
     ax.annotate(row.group, (x, np.mean(errors)), textcoords="offset points",
                 xytext=(5, 5), fontsize=8)
   ax.set(xlabel=xlabel, ylabel="top-1 error (%)", title=title)

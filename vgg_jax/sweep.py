@@ -162,12 +162,18 @@ def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     raise ValueError(f"Config field {key!r} cannot take {value!r}: {e}") from e
 
 
+def trial_overrides(sweep: Sweep, trial: Trial) -> dict[str, Any]:
+  """Every field a trial sets on the base config: the sweep's shared overrides, the
+  trial's own, and its seed."""
+  return {**sweep.base, **trial.overrides, "seed": trial.seed}
+
+
 def trial_config(sweep: Sweep, trial: Trial,
                  base: ml_collections.ConfigDict | None = None
                  ) -> ml_collections.ConfigDict:
   """The base config with the sweep's shared overrides, the trial's and its seed."""
   config = load_base_config(sweep) if base is None else copy.deepcopy(base)
-  for key, value in {**sweep.base, **trial.overrides, "seed": trial.seed}.items():
+  for key, value in trial_overrides(sweep, trial).items():
     try:
       set_field(config, key, value)
     except ValueError as e:
@@ -184,9 +190,9 @@ def config_differences(trial_dir: str, config: ml_collections.ConfigDict) -> lis
           checkpointing.config_differences(stored, json.loads(config.to_json_best_effort()))]
 
 
-def is_finished(trial_dir: str, config: ml_collections.ConfigDict) -> bool:
-  return (os.path.exists(os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE))
-          and not config_differences(trial_dir, config))
+def is_finished(trial_dir: str) -> bool:
+  """Whether the trial's run has ended (prepare() has already checked its config)."""
+  return os.path.exists(os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE))
 
 
 def prepare(sweep: Sweep, workdir: str, only: str | None = None
@@ -231,7 +237,7 @@ def run(sweep: Sweep, workdir: str, only: str | None = None) -> dict[str, dict]:
   results = {}
   for i, (trial, config) in enumerate(prepared):
     trial_dir = os.path.join(workdir, trial.name)
-    if is_finished(trial_dir, config):
+    if is_finished(trial_dir):
       logging.info("Trial %d/%d %s: finished, skipped.", i + 1, len(prepared), trial.name)
       continue
     logging.info("Trial %d/%d %s: %s", i + 1, len(prepared), trial.name, trial.overrides)
@@ -253,7 +259,7 @@ def command(sweep: Sweep, trial: Trial, workdir: str) -> str:
   --config=<base config> --workdir=WORKDIR/<trial> --config.<field>=<value> ...`."""
   args = ["python", "-m", "vgg_jax.main", f"--config={sweep.config}",
           f"--workdir={os.path.abspath(os.path.join(workdir, trial.name))}"]
-  for key, value in {**sweep.base, **trial.overrides, "seed": trial.seed}.items():
+  for key, value in trial_overrides(sweep, trial).items():
     if value is None:
       raise ValueError(f"Trial {trial.name}: {key}=None cannot be set on a command line.")
     args.append(f"--config.{key}={_flag_value(value)}")
