@@ -239,14 +239,13 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not os.environ.get("VGG_JAX_MULTIPROCESS_TEST"), reason=(
-    "opt-in (VGG_JAX_MULTIPROCESS_TEST=1): the two processes' orbax checkpoint saves "
-    "have intermittently hung (a best checkpoint left as *.orbax-checkpoint-tmp)"))
 def test_two_processes_match_one_process(tmp_path):
   """Multi-host data parallelism: 2 processes x 2 CPU devices (jax.distributed, gloo)
   end with the parameters of 1 process x 4 devices, dropout included: the global mesh
   orders the devices process by process, and each process feeds its slice of every
-  global batch, so every device sees the same images and dropout key in both runs."""
+  global batch, so every device sees the same images and dropout key in both runs.
+  Both processes save checkpoints (newest and best) at once, and the paper's dense
+  evaluation afterwards splits the images between them."""
   if not os.path.isdir(FASHION_MNIST):
     pytest.skip("Debian's dataset-fashion-mnist is not installed")
   folder = tmp_path / "images"
@@ -258,7 +257,8 @@ def test_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen(
         [sys.executable, "-m", "vgg_jax.main", f"--config={config_file}",
-         f"--workdir={workdir}", *extra], cwd=REPO, env=env,
+         f"--workdir={workdir}", "--config.final_eval_protocols=dense", *extra],
+        cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
   port = free_port()
@@ -280,6 +280,12 @@ def test_two_processes_match_one_process(tmp_path):
                                                                  atol=1e-6), one, two)
   final = json.loads((tmp_path / "two" / "final_eval.json").read_text())
   assert final["examples"] == 20  # every validation image once, over both processes
+  tables = [json.loads((tmp_path / run / "eval_table.json").read_text())["rows"]
+            for run in ("two", "one")]
+  assert [r["images"] for r in tables[0]] == [20] * 4  # Q = 32, 34, 36 and all three
+  for two_row, one_row in zip(*tables):  # params equal to float tolerance: an image
+    for key in ("top1_error", "top5_error"):  # whose top classes tie may flip, one at most
+      assert two_row[key] == pytest.approx(one_row[key], abs=1 / 20 + 1e-9)
 
 
 def test_the_demo_at_reduced_length(tmp_path):

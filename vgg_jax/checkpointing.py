@@ -31,8 +31,20 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 
 
-def _manager(directory: str, max_to_keep: int | None, *, create: bool = True):
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+def _manager(directory: str, max_to_keep: int | None, *, create: bool = True,
+             barrier_prefix: str | None = None):
+  """An orbax CheckpointManager of `directory`.
+
+  Managers that save at the same time in a multi-process run need their own
+  `barrier_prefix`: orbax's finalising threads meet at cross-process barriers whose
+  names are otherwise the same for every manager, and two managers reaching a barrier
+  of the same name at once fail ("Barrier ... is already ongoing") on one process
+  while the other waits forever.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=create,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=barrier_prefix))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -40,8 +52,8 @@ class Checkpointer:
   """Saves a run's checkpoints (the newest few and the best) and restores the newest."""
 
   def __init__(self, workdir: str, keep: int = 3):
-    self._latest = _manager(os.path.join(workdir, LATEST), keep)
-    self._best = _manager(os.path.join(workdir, BEST), 1)
+    self._latest = _manager(os.path.join(workdir, LATEST), keep, barrier_prefix=LATEST)
+    self._best = _manager(os.path.join(workdir, BEST), 1, barrier_prefix=BEST)
 
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
