@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.color_shift_std = 0.1    # AlexNet's PCA lighting noise; 0 turns it off
   config.mean_rgb = "imagenet"    # "imagenet" (known constant), "compute" (train split)
                                   # or numbers: "123.68,116.78,103.94"
-  config.normalize_std = False    # also divide by the per-channel std (not in the paper)
+  config.normalize_std = False    # also divide by the per-channel std (not in the paper;
+                                  # computed with "compute", else ImageNet's)
   config.channels = 3             # gray datasets are replicated to 3 channels, or 1
   config.shuffle_buffer = 16_384
   config.cache = False            # cache decoded training images in memory

@@ -235,6 +235,22 @@ def test_trained_run_every_protocol_gives_a_table(trained, tmp_path):
   print(table)
 
 
+def test_a_net_is_fed_the_normalisation_it_was_trained_with(trained, shapes_folder):
+  """mean_rgb="compute" means the training data's statistics, also on other data."""
+  config, workdir = trained
+  own = input_pipeline.normalization(config, workdir=workdir)
+  elsewhere = shapes_config(shapes_folder, mean_rgb="compute", normalize_std=True)
+  assert input_pipeline.normalization(elsewhere) != own
+  net = evaluate.load_net(elsewhere, workdir)
+  assert net.mean_std == own
+  image = next(evaluate.Evaluator(net)._examples("center_crop", 32, "val", None)
+               .as_numpy_iterator())["image"]
+  raw = next(input_pipeline.eval_examples(
+      elsewhere, scale=32, crop_size=32, mean_std=((0.0,), None)).as_numpy_iterator())
+  np.testing.assert_allclose(image, (raw["image"] - own[0]) / own[1], rtol=1e-5,
+                             atol=1e-4)
+
+
 def test_dense_pass_at_the_crop_size_equals_the_centre_crops(trained):
   config, workdir = trained
   net = evaluate.load_net(config, workdir, own_net=False)

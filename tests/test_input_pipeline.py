@@ -250,6 +250,16 @@ def test_imagenet_mean_and_std_constants(mnist):
   assert mean == ip.IMAGENET_MEAN_RGB and std == ip.IMAGENET_STD_RGB
 
 
+def test_gray_input_takes_an_rgb_mean_as_its_luma(mnist):
+  mnist.channels, mnist.mean_rgb = 1, "123.68,116.78,103.94"
+  ip.dataset_info(mnist)  # accepted
+  mean, _ = ip.normalization(mnist)
+  np.testing.assert_allclose(mean, [np.dot(ip.GRAY_WEIGHTS, (123.68, 116.78, 103.94))])
+  mnist.mean_rgb = "1,2"
+  with pytest.raises(ValueError, match=r"needs 3 values \(or 1 with channels=1\)"):
+    ip.dataset_info(mnist)
+
+
 # ----------------------------------------------------------------------- determinism
 
 

@@ -227,12 +227,12 @@ def test_command_writes_the_grafted_checkpoint(net_a, d_fresh, tmp_path):
   output = str(tmp_path / "grafted")
   flags = [f"--config.{k}={v}" for k, v in TINY.items()]
   flags.append("--config.seed=5")  # --seed wins
-  result = subprocess.run(
-      [sys.executable, "-m", "vgg_jax.surgery", f"--source={path}",
-       "--config=configs/vgg16.py", "--rule=net_a", f"--output={output}", "--seed=0",
-       *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  command = [sys.executable, "-m", "vgg_jax.surgery", f"--source={path}",
+             "--config=configs/vgg16.py", "--rule=net_a", f"--output={output}", "--seed=0",
+             *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Surgery rule 'net_a': A" in result.stdout and "copied 7 layers" in result.stdout
   params, meta = checkpointing.load_params(output)
@@ -254,6 +254,12 @@ def test_command_writes_the_grafted_checkpoint(net_a, d_fresh, tmp_path):
   config.init_from.rule = "net_a"
   with pytest.raises(ValueError, match="needs a source that is net A"):
     surgery.init_params_from(config, abstract(config))
+  # The same command again is refused before any work: the output is not overwritten.
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=env)
+  assert again.returncode != 0
+  assert "already holds a checkpoint" in again.stderr, again.stderr[-3000:]
+  assert checkpointing.load_params(output)[1]["seed"] == 0
 
 
 # ----------------------------------------------------------- the paper's schedule

@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BASE = dict(
     model="A", width=1 / 16, fc_width=16, init="he", eval_split="val", channels=1, crop_size=32, train_scale_min=32,
     train_scale_max=32, eval_scale=32, color_shift_std=0.0, mean_rgb="imagenet",
+    normalize_std=True,  # (raw pixels with He init diverge)
     shuffle_buffer=64, batch_size=16, num_epochs=1.0, log_every_steps=1,
     checkpoint_every_steps=2, keep_checkpoints=2)
 

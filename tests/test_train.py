@@ -6,6 +6,7 @@ Runs `train.train_and_evaluate` on tiny nets over eight fake CPU devices.
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,7 +107,7 @@ def mnist(tmp_path):
   write_random_image_folder(str(tmp_path / "images"), (("train", 72), ("test", 72)), 10)
   return tiny_config(dataset=f"folder:{tmp_path / 'images'}", eval_split="test",
                      channels=1, train_scale_min=32, train_scale_max=32,
-                     mean_rgb="imagenet", normalize_std=False)
+                     mean_rgb="imagenet", normalize_std=True)  # (raw pixels diverge)
 
 
 class Crash(Exception):
@@ -191,6 +192,64 @@ def test_workdir_of_another_model_is_refused(mnist, tmp_path):
                      r"'B' now\)"):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_a_diverging_run_stops_before_a_nan_is_saved(mnist, tmp_path):
+  config = mnist
+  config.update(dict(learning_rate=1e6, log_every_steps=1, checkpoint_every_steps=1))
+  with pytest.raises(FloatingPointError, match=r"Training diverged at step \d+: NaN or "
+                     r"inf in the training loss"):
+    train.train_and_evaluate(config, str(tmp_path))
+  checkpoints = checkpointing.Checkpointer(str(tmp_path))
+  for step in checkpoints._latest.all_steps():  # pylint: disable=protected-access
+    state, _ = checkpointing.load(str(tmp_path), step=step)
+    assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(state))
+
+
+def test_the_best_checkpoint_is_the_best_evaluation(mnist, tmp_path, monkeypatch):
+  """Gains smaller than the plateau's threshold don't reset its patience, but they do
+  make a better checkpoint; a lower accuracy never replaces the best one."""
+  accuracies = iter([0.5, 0.5009, 0.5005, 0.4])  # evaluations at steps 2, 4, 6, 8
+  real_evaluate = train.evaluate
+
+  def scripted(*args):
+    metrics, confusion = real_evaluate(*args)
+    return dict(metrics, top1_error=1 - next(accuracies)), confusion
+  monkeypatch.setattr(train, "evaluate", scripted)
+  config = mnist
+  config.update(dict(num_epochs=2, eval_every_steps=2))
+  config.plateau.patience = 10
+  train.train_and_evaluate(config, str(tmp_path))
+  _, best = checkpointing.load(str(tmp_path), best=True)
+  assert best["step"] == 4 and best["eval"]["top1_error"] == pytest.approx(1 - 0.5009)
+  _, latest = checkpointing.load(str(tmp_path))
+  assert latest["best_accuracy"] == pytest.approx(0.5009)
+  mean, std = input_pipeline.normalization(config)  # what evaluation will feed it
+  assert latest["normalization"] == dict(mean=list(mean), std=list(std))
+
+
+def test_saving_a_step_again_keeps_its_checkpoints(tmp_path):
+  """A run killed after its best save of a step, but before the step's regular save
+  ended, saves that step again when resumed."""
+  state, meta = {"w": np.arange(3, dtype=np.float32)}, {"step": 3}
+  first = checkpointing.Checkpointer(str(tmp_path))
+  first.save(3, state, meta, best=True)
+  first.close()
+  shutil.rmtree(tmp_path / checkpointing.LATEST / "3")
+  again = checkpointing.Checkpointer(str(tmp_path))
+  again.save(3, state, meta, best=True)
+  again.close()
+  for best in (False, True):
+    np.testing.assert_array_equal(checkpointing.load(str(tmp_path), best=best)[0]["w"],
+                                  state["w"])
+
+
+def test_a_workdir_resumes_under_another_name_of_its_net(tmp_path):
+  config = tiny_config(model="vgg11")
+  checkpointing.write_config(str(tmp_path), config.to_json())
+  train.check_workdir(str(tmp_path), tiny_config(model="A"))  # the same net
+  with pytest.raises(ValueError, match="model: 'vgg11' in the workdir, 'B' now"):
+    train.check_workdir(str(tmp_path), tiny_config(model="B"))
 
 
 def run_main(*args):

@@ -116,6 +116,14 @@ def test_top_k():
     assert float(train.correct_top_k(logits, labels, 5)[0]) == top5
 
 
+def test_a_diverged_net_is_never_right():
+  # NaN compares false with everything: without care, no class would beat the label's.
+  logits = jnp.array([[jnp.nan] * 6, [0.1, 0.9, 0.0, 0.2, 0.3, 0.4]])
+  labels = jnp.array([0, 1])
+  for k in (1, 5):
+    np.testing.assert_array_equal(train.correct_top_k(logits, labels, k), [0.0, 1.0])
+
+
 # ------------------------------------------------------------------ plateau controller
 
 def run_plateau(config, accuracies):
@@ -183,6 +191,19 @@ def test_bad_plateau_fields(field, value, message):
   config.plateau[field] = value
   with pytest.raises(ValueError, match=message):
     train.validate_config(config)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("log_every_steps", 0, "log_every_steps must be at least 1, got 0"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be at least 1, got 0"),
+    ("eval_every_steps", 0, r"eval_every_steps must be at least 1 \(or None\), got 0"),
+    ("checkpoint_every_steps", -5, "checkpoint_every_steps must be at least 0"),
+    ("final_eval_protocols", "dense,multicrop", r"Unknown evaluation protocol\(s\) "
+     r"\['multicrop'\]"),
+])
+def test_bad_loop_fields(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(tiny_config(**{field: value}))
 
 
 def test_batch_not_divisible_by_devices():

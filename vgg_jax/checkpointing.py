@@ -64,7 +64,7 @@ class Checkpointer:
                               meta=ocp.args.JsonSave(meta))
     if self._latest.latest_step() != step:
       self._latest.save(step, args=args, force=True)
-    if best:
+    if best and step not in self._best.all_steps():  # (a rerun of a step it has saved)
       self._best.wait_until_finished()
       self._best.save(step, args=args, force=True)
 
@@ -117,12 +117,22 @@ def load(path: str, *, step: int | None = None, best: bool = False) -> tuple[Any
   return state, restored["meta"]
 
 
+def check_output_free(workdir: str) -> None:
+  """Refuses an output directory that already holds checkpoints (orbax would fail only
+  at the end of the work, and a run's checkpoints must not be mixed with others)."""
+  directory = os.path.join(workdir, LATEST)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise FileExistsError(f"{workdir!r} already holds a checkpoint ({directory}): choose "
+                          f"another output directory or delete this one.")
+
+
 def save_params(workdir: str, params: Any, meta: dict, *, step: int = 0) -> str:
   """Writes parameters alone (no optimiser state) as a checkpoint `load_params` reads.
 
   Used for grafted and converted weights. `meta` should name the model ("model",
   "num_classes", ...). Returns the checkpoint directory.
   """
+  check_output_free(workdir)
   directory = os.path.join(workdir, LATEST)
   manager = _manager(directory, None)
   params = jax.tree_util.tree_map(np.asarray, params)

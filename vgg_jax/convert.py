@@ -407,6 +407,8 @@ def convert_file(source_format: str, model: str, input_path: str,
                      f"{source_format!r}.")
   if not os.path.exists(input_path):
     raise FileNotFoundError(f"No such weights file: {input_path!r}.")
+  if output is not None:
+    checkpointing.check_output_free(output)
   if source_format == "torchvision":
     params = convert_torchvision(read_torchvision(input_path), model)
   else:

@@ -331,6 +331,7 @@ class Net:
   model: models.VGG
   params: Any
   meta: dict
+  mean_std: tuple | None = None       # the input normalisation it was trained with
 
 
 def _merged(config, updates: dict) -> ml_collections.ConfigDict:
@@ -338,17 +339,6 @@ def _merged(config, updates: dict) -> ml_collections.ConfigDict:
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   values.update(updates)
   return ml_collections.ConfigDict(values)
-
-
-def _architecture_differences(config, described: dict) -> list[str]:
-  def canonical(fields):  # "vgg16" and "D" name the same net
-    if fields.get("model") is None:
-      return fields
-    return dict(fields, model=models.canonical_name(fields["model"]))
-  keys = [k for k in train.ARCHITECTURE_FIELDS if k in described]
-  return [f"{k}: {a!r} in the checkpoint, {b!r} in the config" for k, a, b in
-          checkpointing.config_differences(canonical(described), canonical(config.to_dict()),
-                                           keys=keys)]
 
 
 def _param_differences(expected: Any, params: Any) -> list[str]:
@@ -377,7 +367,8 @@ def load_net(config, path: str, *, own_net: bool = True, best: bool = False,
   described = frozen if frozen is not None else {
       k: meta[k] for k in META_FIELDS if k in meta}
   if not own_net:
-    differ = _architecture_differences(config, described)
+    differ = [f"{k}: {a!r} in the checkpoint, {b!r} in the config" for k, a, b in
+              train.architecture_differences(described, config.to_dict())]
     if differ:
       raise ValueError(f"The checkpoint {path!r} holds a net of another architecture "
                        f"({'; '.join(differ)}). Evaluate it with its own config "
@@ -411,7 +402,17 @@ def load_net(config, path: str, *, own_net: bool = True, best: bool = False,
                      f"of another architecture. " + "; ".join(problems[:10])
                      + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
   name = f"{model.config} ({os.path.basename(os.path.normpath(path))})"
-  return Net(name, path, net_config, model, params, meta)
+  return Net(name, path, net_config, model, params, meta,
+             mean_std=trained_normalization(meta, net_config.channels))
+
+
+def trained_normalization(meta: dict, channels: int) -> tuple | None:
+  """(mean, std or None) that a run trained with, from its checkpoint's meta; None for
+  converted nets and older runs (their config's mean_rgb and normalize_std serve)."""
+  stored = meta.get("normalization")
+  if not stored or len(stored["mean"]) != channels:
+    return None
+  return tuple(stored["mean"]), stored["std"] and tuple(stored["std"])
 
 
 # ---------------------------------------------------------------- the evaluator
@@ -454,7 +455,7 @@ class Evaluator:
     config, p = self.net.config, PASSES[pass_name]
     crop = config.crop_size if p.center_crop else None
     ds = input_pipeline.eval_examples(config, scale=scale, split=split, crop_size=crop,
-                                      workdir=workdir)
+                                      workdir=workdir, mean_std=self.net.mean_std)
     if pass_name == "multi_crop":
       crop_size = config.crop_size
 

@@ -179,18 +179,20 @@ def eval_batches(config, *, split: str | None = None,
 
 
 def eval_examples(config, *, scale: int, split: str | None = None,
-                  crop_size: int | None = None, workdir: str | None = None
-                  ) -> tf.data.Dataset:
+                  crop_size: int | None = None, workdir: str | None = None,
+                  mean_std: tuple | None = None) -> tf.data.Dataset:
   """This process's eval examples rescaled to smallest side SCALE, uncropped, normalised.
 
   A tf.data.Dataset of {'image': float32 [h, w, channels] (shapes vary), 'label': int32,
   'index': int64 position in the split, 'valid': bool}; an undecodable image's slot
   holds a copy of the next image with 'valid' False.
-  With CROP_SIZE, centre crops of that size instead. Batch it with `bucket_by_shape`.
+  With CROP_SIZE, centre crops of that size instead. MEAN_STD, (mean, std or None),
+  replaces the config's normalisation (a trained net's own). Batch it with
+  `bucket_by_shape`.
   """
   validate_config(config)
   data = _source(config).split_data(split or config.eval_split)
-  mean, std = normalization(config, workdir=workdir)
+  mean, std = mean_std or normalization(config, workdir=workdir)
 
   def transform(example):
     image = rescale_smallest_side(data.load(example["item"], config.channels), scale)
@@ -382,9 +384,9 @@ def validate_config(config) -> None:
   if config.mean_rgb not in ("imagenet", "compute"):
     try:
       mean = mean_values(config.mean_rgb)
-      if len(mean) != config.channels:
-        problems.append(f"mean_rgb={config.mean_rgb!r} has not {config.channels} values "
-                        "(channels)")
+      if len(mean) not in (config.channels, 3):  # gray input: one mean, or RGB's three
+        problems.append(f"mean_rgb={config.mean_rgb!r} needs 3 values (or 1 with "
+                        f"channels=1)")
     except ValueError:
       problems.append(f"mean_rgb={config.mean_rgb!r}: use 'imagenet', 'compute' or "
                       "numbers, e.g. '123.68,116.78,103.94'")

@@ -359,6 +359,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   if not FLAGS["verbosity"].present:  # orbax's info logs would bury the report
     logging.set_verbosity(logging.WARNING)
+  checkpointing.check_output_free(FLAGS.output)
   params, meta, report = graft(FLAGS.source, FLAGS.config, rule=FLAGS.rule,
                                seed=FLAGS.seed)
   directory = checkpointing.save_params(FLAGS.output, params, meta)

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from absl import logging
 from clu import metric_writers
@@ -67,6 +67,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"num_epochs must be > 0, got {config.num_epochs!r}.")
   if config.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
+  for field, least, optional in (("log_every_steps", 1, False),
+                                 ("keep_checkpoints", 1, False),
+                                 ("eval_every_steps", 1, True),  # None: every epoch
+                                 ("checkpoint_every_steps", 0, True)):  # 0: at evals
+    value = config[field]
+    if not (value is None and optional) and (value is None or value < least):
+      raise ValueError(f"{field} must be at least {least}"
+                       f"{' (or None)' if optional else ''}, got {value!r}.")
+  if config.final_eval_protocols:  # else a typo would surface only after training
+    from vgg_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    evaluate_lib.parse_protocols(config.final_eval_protocols)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VGG:
@@ -123,10 +134,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def correct_top_k(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest scores (ties count against)."""
+  """1.0 where the label is among the k highest scores (ties and NaNs count against)."""
   label_scores = jnp.take_along_axis(logits, labels[:, None], axis=-1)
   higher = jnp.sum(logits > label_scores, axis=-1)
-  return (higher < k).astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)  # NaN compares false: a diverged
+  return ((higher < k) & finite).astype(jnp.float32)  # net would seem always right
 
 
 def train_step(state: TrainState, batch: dict, dropout_rng: jax.Array,
@@ -240,13 +252,27 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
       JsonlWriter(os.path.join(workdir, checkpointing.METRICS_FILE))])
 
 
+def architecture_differences(stored: Mapping, wanted: Mapping,
+                             ) -> list[tuple[str, Any, Any]]:
+  """(field, stored, wanted) for each ARCHITECTURE_FIELDS field of STORED that WANTED
+  sets otherwise; the nets' names are compared as nets ("vgg16" and "D" agree)."""
+  def canonical(fields):
+    fields = dict(fields)
+    if fields.get("model") is not None:
+      fields["model"] = models.canonical_name(fields["model"])
+    return fields
+  keys = [k for k in ARCHITECTURE_FIELDS if k in stored]
+  return [(k, stored.get(k), wanted.get(k)) for k, _, _ in
+          checkpointing.config_differences(canonical(stored), canonical(wanted), keys=keys)]
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir whose run has another architecture (its checkpoints don't fit)."""
   previous = checkpointing.read_config(workdir)
   if previous is None:
     return
   differ = [f"{k}: {a!r} in the workdir, {b!r} now" for k, a, b in
-            checkpointing.config_differences(previous, config, keys=ARCHITECTURE_FIELDS)]
+            architecture_differences(previous, config.to_dict())]
   if differ:
     raise ValueError(
         f"The workdir {workdir!r} holds a run of another architecture ("
@@ -287,6 +313,18 @@ def write_final_report(workdir: str, eval_metrics: dict, confusion: np.ndarray, 
                               class_names=class_names, title=title)
 
 
+def check_finite(values: Any, what: str, step: int, workdir: str, config) -> None:
+  """Stops a diverged run before a NaN reaches a checkpoint or the plateau controller."""
+  if all(np.all(np.isfinite(v)) for v in jax.tree_util.tree_leaves(values)):
+    return
+  raise FloatingPointError(
+      f"Training diverged at step {step}: NaN or inf in the {what}. "
+      f"The checkpoints in {workdir} are from before; start again in a new --workdir "
+      f"with a lower learning rate (config.learning_rate={config.learning_rate}) or, "
+      f"for the deep nets, initialised from net A (configs/vgg16_from_a.py) or with "
+      f"init='glorot', as the paper did.")
+
+
 # ---------------------------------------------------------------------- the loop
 
 
@@ -317,24 +355,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_rng, dropout_rng = jax.random.split(rng)
   host_state = create_train_state(init_rng, config, model, info.image_shape)
   restored = checkpointer.restore_latest(host_state)
+  # best_saved: the accuracy of the best checkpoint. Not the plateau's best, which moves
+  # only by more than its threshold: a smaller gain still makes a better checkpoint.
   if restored is not None:
     host_state, meta = restored
     schedule_state = plateau.PlateauState.from_json(meta["plateau"])
     last_eval = meta.get("eval", {})
+    best_saved = meta.get("best_accuracy", schedule_state.best_accuracy)
     logging.info("Resumed from step %d of %s.", int(host_state.step), workdir)
   else:
     schedule_state = plateau.initial_state(plateau_config)
     last_eval = {}
+    best_saved = -1.0
     if config.init_from.checkpoint:  # only a fresh run: a resumed one has its weights
       params, report = surgery.init_params_from(config, host_state.params)
       host_state = host_state.replace(params=params)
       logging.info("Initialised from %s:\n%s", config.init_from.checkpoint, report)
   step = int(host_state.step)
+  mean, std = input_pipeline.normalization(config, workdir=workdir)
 
   def meta_dict(eval_metrics):
     return dict(step=step, plateau=schedule_state.to_json(), seed=config.seed,
                 data_position=step, model=model.config, num_classes=num_classes,
-                eval=eval_metrics)
+                eval=eval_metrics, best_accuracy=best_saved,
+                # What the net was trained on, for evaluation on other data:
+                normalization=dict(mean=list(mean), std=std and list(std)))
 
   state = mapping.replicate(host_state)
   replicated_dropout_rng = mapping.replicate(jax.random.key_data(dropout_rng))
@@ -374,6 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["train_images_per_second"] = (
             len(train_metrics) * config.batch_size / (time.time() - interval_start))
         writer.write_scalars(step, summary)
+        check_finite(summary["train_loss"], "training loss", step, workdir, config)
         train_metrics, interval_start = [], time.time()
 
       pause_start = time.time()
@@ -382,7 +428,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_eval, confusion = evaluate(
             p_eval_step, mapping, state.params,
             input_pipeline.eval_batches(config, workdir=workdir))
-        improved = 1 - last_eval["top1_error"] > schedule_state.best_accuracy
+        check_finite(last_eval["loss"], "validation loss", step, workdir, config)
+        improved = 1 - last_eval["top1_error"] > best_saved
+        best_saved = max(best_saved, 1 - last_eval["top1_error"])
         schedule_state = plateau.update(plateau_config, schedule_state,
                                         1 - last_eval["top1_error"])
         learning_rate = mapping.replicate(np.float32(schedule_state.learning_rate))
@@ -390,8 +438,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              | {"epoch": step / schedule.steps_per_epoch,
                                 "plateau_drops": schedule_state.drops})
       if is_eval or step % schedule.checkpoint_every == 0 or schedule_state.stopped:
-        checkpointer.save(step, mapping.unreplicate(state), meta_dict(last_eval),
-                          best=is_eval and improved)
+        saved = mapping.unreplicate(state)
+        check_finite(saved.params, "parameters", step, workdir, config)
+        checkpointer.save(step, saved, meta_dict(last_eval), best=is_eval and improved)
       interval_start += time.time() - pause_start  # throughput counts training only
   finally:
     # Also on an exception or interrupt: checkpoints being written are completed.
