@@ -292,6 +292,14 @@ def test_bad_input_fails_before_any_work(trained, tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "eval_table.md")
 
 
+def test_command_line_names_a_missing_run(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "vgg_jax.evaluate", f"--workdir={tmp_path / 'no_such_run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "No such run directory" in result.stderr and "no_such_run" in result.stderr
+
+
 def test_command_line_an_ensemble_of_a_checkpoint_with_itself_is_the_checkpoint(
     trained, tmp_path):
   _, workdir = trained

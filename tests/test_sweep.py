@@ -90,6 +90,29 @@ def test_list_and_grid_expand_together_with_seeds():
     sweep.expand(dict(trials=[dict(group="x"), dict(group="x")]))
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(grid={"learning_rate": 0.1}), r"grid\['learning_rate'\] = 0.1 is not a "
+                                        r"non-empty list"),
+    (dict(seeds=3), "seeds = 3 is not a non-empty list of integers"),
+    (dict(seeds=()), r"seeds = \(\) is not a non-empty list"),
+])
+def test_a_malformed_sweep_is_named(fields, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.expand(fields)
+
+
+def test_a_group_of_fields_is_set_field_by_field(tmp_path):
+  s = tiny_sweep(base={**TINY_BASE, "plateau": {"patience": 3}})
+  with pytest.raises(ValueError, match=r"'plateau' is a group of fields: set them one "
+                     r"by one with dotted keys, e.g. 'plateau\."):
+    sweep.prepare(s, str(tmp_path))
+
+
+def test_trial_names_stay_inside_the_workdir():
+  names = [t.name for t in sweep.expand(dict(trials=[dict(name="../x/y", model="A")]))]
+  assert names == [".._x_y-s0"]  # one directory name, not a path
+
+
 def count_train_calls(monkeypatch):
   calls = []
   real = train.train_and_evaluate
@@ -142,22 +165,27 @@ def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, monkey
       yield batch
 
   calls = count_train_calls(monkeypatch)
-  # First run: trial A-s1 is killed after 2 of its 3 steps (checkpointed at step 2).
+  # First run: trial A-s0 is killed after 2 of its 3 steps (checkpointed at step 2);
+  # A-s1 still runs, and the sweep then reports the failure.
   monkeypatch.setattr(input_pipeline, "train_batches", lambda c, **kw: batches(
-      c, crash=2 if kw["workdir"].endswith("A-s1") else None, **kw))
-  with pytest.raises(Crash):
+      c, crash=2 if kw["workdir"].endswith("A-s0") else None, **kw))
+  with pytest.raises(RuntimeError, match=r"1 of 2 trials failed .*\n  A-s0: Crash"):
     sweep.run(s, workdir)
   assert calls == ["A-s0", "A-s1"]
-  assert os.path.exists(os.path.join(workdir, "A-s0", "final_eval.json"))
-  assert not os.path.exists(os.path.join(workdir, "A-s1", "final_eval.json"))
+  assert os.path.exists(os.path.join(workdir, "A-s1", "final_eval.json"))
+  assert not os.path.exists(os.path.join(workdir, "A-s0", "final_eval.json"))
+  text = report.write_report(workdir)
+  assert "| A | 1/2 |" in text and "| A-s0 | A | 0 | 2 | failed | failed |" in text
+  assert "- A-s0: Crash" in text
 
-  # Second run: A-s0 is skipped, A-s1 resumes from step 2 and finishes.
+  # Second run: A-s1 is skipped, A-s0 resumes from step 2 and finishes.
   monkeypatch.setattr(input_pipeline, "train_batches", batches)
   calls.clear()
   starts.clear()
   results = sweep.run(s, workdir)
-  assert calls == ["A-s1"] and starts == [("A-s1", 2)]
-  assert results["A-s1"]["step"] == 3
+  assert calls == ["A-s0"] and starts == [("A-s0", 2)]
+  assert results["A-s0"]["step"] == 3
+  assert not os.path.exists(os.path.join(workdir, "A-s0", sweep.FAILED_FILE))
 
   # Third run: nothing left to do.
   calls.clear()
@@ -245,7 +273,9 @@ def test_report_tables_and_plots_from_metric_files(tmp_path):
   write_trial(root, "B_filter_7-s1", "B filter 7", 1, model="B", filter_size=7)
   with open(os.path.join(root, sweep.SWEEP_FILE), "w") as f:  # the sweep's order
     json.dump(dict(trials=[dict(name=n) for n in ("B_filter_7-s0", "B_filter_7-s1",
-                                                   "A-s0", "A-s1")]), f)
+                                                   "A-s0", "A-s1")]
+                   + [dict(name="A-s2", group="A", seed=2),  # planned, not started
+                      dict(name="C-s0", group="C", seed=0)]), f)
   text = report.write_report(root, title="depth")
   assert text.index("| B filter 7 |") < text.index("| A |")  # not name order
   params_a = report.summary.count_params_from_spec(
@@ -253,8 +283,10 @@ def test_report_tables_and_plots_from_metric_files(tmp_path):
   macs_b7 = report.summary.count_macs(
       "B", image_size=32, channels=1, num_classes=10, width=3 / 16, filter_size=7,
       fc_width=256)
-  assert (f"| A | 2/2 | 11 | 3x3 | 11.00 ± 1.41 | 2.00 ± 1.41 | {params_a:,} |"
+  assert (f"| A | 2/3 | 11 | 3x3 | 11.00 ± 1.41 | 2.00 ± 1.41 | {params_a:,} |"
           in text), text
+  assert "| C | 0/1 | – | – | – | – | – | – | – |" in text
+  assert "| C-s0 | C | 0 | 0 | not started | not started |" in text
   assert f"| B filter 7 | 1/2 | 13 | 7x7 | 9.00 | 0.50 | " in text
   assert f"{macs_b7:,} | 0.5 |" in text  # 30 s of records: 0.5 min
   assert "| B_filter_7-s1 | B filter 7 | 1 | 200 | unfinished |" in text

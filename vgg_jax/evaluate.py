@@ -648,6 +648,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   checkpoints = FLAGS.checkpoints or None
+  missing = [p for p in (checkpoints or [FLAGS.workdir]) if not os.path.isdir(p)]
+  if missing:
+    raise app.UsageError(f"No such run directory: {', '.join(map(repr, missing))}.")
   config = FLAGS.config
   if config is None:
     frozen = checkpointing.read_config((checkpoints or [FLAGS.workdir])[0])

@@ -8,7 +8,8 @@ metrics.jsonl, final_eval.json) and writes into DIR:
   error_vs_depth.png   top-1 error against weight layers, one point per group
   error_vs_filter_size.png  top-1 error against the conv filter size
   learning_curves.png  validation top-1 error against epochs, every trial overlaid
-Unfinished trials (no final_eval.json) are listed but left out of the means.
+Unfinished trials (no final_eval.json: still running, failed, or not started) are
+listed with their state but left out of the means.
 """
 
 from __future__ import annotations
@@ -40,13 +41,22 @@ class TrialResult:
   name: str
   group: str
   seed: int
-  config: dict
+  config: dict | None  # None: not started
   records: list
   final: dict | None  # final_eval.json; None while unfinished
+  error: str | None = None  # failed.json: why its last attempt stopped
 
   @property
   def finished(self) -> bool:
     return self.final is not None
+
+  @property
+  def state(self) -> str:
+    if self.finished:
+      return "finished"
+    if self.config is None:
+      return "not started"
+    return "failed" if self.error else "unfinished"
 
 
 def wall_time(records: Sequence[dict]) -> float:
@@ -77,22 +87,27 @@ def read_trial(trial_dir: str) -> TrialResult | None:
   metrics_path = os.path.join(trial_dir, checkpointing.METRICS_FILE)
   records = plots.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
   final_path = os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE)
-  final = None
+  final = error = None
   if os.path.exists(final_path):
     with open(final_path) as f:
       final = json.load(f)
+  elif os.path.exists(os.path.join(trial_dir, sweep.FAILED_FILE)):
+    with open(os.path.join(trial_dir, sweep.FAILED_FILE)) as f:
+      error = json.load(f)["error"]
   return TrialResult(name=name, group=trial["group"], seed=int(trial["seed"]),
-                     config=config, records=records, final=final)
+                     config=config, records=records, final=final, error=error)
 
 
 def read_sweep(sweep_dir: str) -> list[TrialResult]:
-  """Every trial under SWEEP_DIR: in the sweep's order (its sweep.json), then any
-  other run directories in name order."""
-  rank = {}
+  """Every trial under SWEEP_DIR: in the sweep's order (its sweep.json, whose trials
+  without a run yet are listed as not started), then any other run directories in name
+  order."""
+  planned = []
   sweep_file = os.path.join(sweep_dir, sweep.SWEEP_FILE)
   if os.path.exists(sweep_file):
     with open(sweep_file) as f:
-      rank = {t["name"]: i for i, t in enumerate(json.load(f)["trials"])}
+      planned = json.load(f)["trials"]
+  rank = {t["name"]: i for i, t in enumerate(planned)}
   entries = sorted(os.listdir(sweep_dir), key=lambda e: (rank.get(e, len(rank)), e))
   trials = []
   for entry in entries:
@@ -101,7 +116,11 @@ def read_sweep(sweep_dir: str) -> list[TrialResult]:
       trial = read_trial(path)
       if trial is not None:
         trials.append(trial)
-  return trials
+  started = {t.name for t in trials}
+  trials += [TrialResult(name=t["name"], group=t["group"], seed=int(t.get("seed", 0)),
+                         config=None, records=[], final=None)
+             for t in planned if t["name"] not in started]
+  return sorted(trials, key=lambda t: rank.get(t.name, len(rank)))  # stable
 
 
 def _knobs(config: dict) -> dict:
@@ -126,7 +145,7 @@ class GroupRow:
   group: str
   trials: list
   finished: list
-  stats: dict
+  stats: dict | None  # None while no trial of the group has started
 
   def errors(self, key: str) -> np.ndarray:
     return np.array([100 * t.final[key] for t in self.finished])
@@ -137,10 +156,13 @@ def group_rows(trials: Sequence[TrialResult]) -> list[GroupRow]:
   rows: dict[str, GroupRow] = {}
   for t in trials:
     if t.group not in rows:
-      rows[t.group] = GroupRow(t.group, [], [], net_stats(t.config))
-    rows[t.group].trials.append(t)
+      rows[t.group] = GroupRow(t.group, [], [], None)
+    row = rows[t.group]
+    row.trials.append(t)
+    if row.stats is None and t.config is not None:
+      row.stats = net_stats(t.config)
     if t.finished:
-      rows[t.group].finished.append(t)
+      row.finished.append(t)
   return list(rows.values())
 
 
@@ -174,11 +196,13 @@ def markdown(rows: Sequence[GroupRow], title: str = "") -> str:
   for row in rows:
     seeds = f"{len(row.finished)}/{len(row.trials)}"
     times = [wall_time(t.records) for t in row.finished]
+    stats = row.stats
+    net = (f"{stats['weight_layers']} | {stats['filter_size']}x{stats['filter_size']}"
+           if stats else "– | –")
+    size = f"{stats['params']:,} | {stats['macs']:,}" if stats else "– | –"
     lines.append(
-        f"| {row.group} | {seeds} | {row.stats['weight_layers']} | "
-        f"{row.stats['filter_size']}x{row.stats['filter_size']} | "
-        f"{mean_std(row.errors('top1_error'))} | {mean_std(row.errors('top5_error'))} | "
-        f"{row.stats['params']:,} | {row.stats['macs']:,} | "
+        f"| {row.group} | {seeds} | {net} | {mean_std(row.errors('top1_error'))} | "
+        f"{mean_std(row.errors('top5_error'))} | {size} | "
         f"{_minutes(np.mean(times)) if times else '–'} |")
   lines += ["", "## Trials", "",
             "| trial | group | seed | step | top-1 error (%) | top-5 error (%) "
@@ -192,8 +216,12 @@ def markdown(rows: Sequence[GroupRow], title: str = "") -> str:
                      f"{100 * t.final['top5_error']:.2f} | {t.final.get('examples', '–')} "
                      f"| {_minutes(wall_time(t.records))} |")
       else:
-        lines.append(f"| {t.name} | {t.group} | {t.seed} | {step} | unfinished | "
-                     f"unfinished | – | {_minutes(wall_time(t.records))} |")
+        lines.append(f"| {t.name} | {t.group} | {t.seed} | {step} | {t.state} | "
+                     f"{t.state} | – | {_minutes(wall_time(t.records))} |")
+  failures = [t for row in rows for t in row.trials if t.state == "failed"]
+  if failures:
+    lines += ["", "Failed trials (the error that stopped each):", ""]
+    lines += [f"- {t.name}: {t.error.splitlines()[0][:300]}" for t in failures]
   return "\n".join(lines) + "\n"
 
 
@@ -203,7 +231,7 @@ def plot_error_vs(rows: Sequence[GroupRow], stat: str, xlabel: str, png_path: st
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for row in rows:
     errors = row.errors("top1_error")
-    if len(errors) == 0:
+    if len(errors) == 0:  # (so the row's stats are known)
       continue
     x = row.stats[stat]
     ax.errorbar([x], [np.mean(errors)], yerr=[seed_std(errors)], fmt="o", capsize=3)
@@ -254,7 +282,8 @@ def write_report(sweep_dir: str, title: str = "") -> str:
   """Writes report.md and the three plots into SWEEP_DIR; returns the markdown."""
   trials = read_sweep(sweep_dir)
   if not trials:
-    raise ValueError(f"No trials (directories with a config.json) in {sweep_dir!r}.")
+    raise ValueError(f"No trials (directories with a config.json, or a sweep.json) in "
+                     f"{sweep_dir!r}.")
   title = title or f"Sweep {os.path.basename(os.path.normpath(sweep_dir))}"
   rows = group_rows(trials)
   text = markdown(rows, title)

@@ -40,6 +40,7 @@ from vgg_jax import checkpointing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_FILE = "trial.json"      # name, group, seed, overrides of the trial in its dir
 SWEEP_FILE = "sweep.json"      # the expanded sweep, in the sweep's workdir
+FAILED_FILE = "failed.json"    # in a trial's dir: the error that stopped its last attempt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ def expand(sweep: Sweep | Mapping[str, Any]) -> list[Trial]:
     overrides = {k: v for k, v in entry.items() if k not in ("group", "name")}
     group = entry.get("group") or " ".join(f"{k}={_format(v)}"
                                            for k, v in overrides.items()) or "base"
-    points.append((group, entry.get("name") or slug(group), overrides))
+    points.append((group, slug(entry.get("name") or group), overrides))
   if sweep.grid:
     keys = list(sweep.grid)
     for values in itertools.product(*(sweep.grid[k] for k in keys)):
@@ -114,7 +115,19 @@ def as_sweep(sweep: Sweep | Mapping[str, Any]) -> Sweep:
   if unknown:
     raise ValueError(f"Unknown sweep entries {sorted(unknown)}; a sweep has "
                      f"{[f.name for f in dataclasses.fields(Sweep)]}.")
-  return Sweep(**sweep)
+  sweep = Sweep(**sweep)
+  problems = [f"grid[{k!r}] = {v!r} is not a non-empty list of values"
+              for k, v in sweep.grid.items() if not _is_nonempty_list(v)]
+  if not _is_nonempty_list(sweep.seeds) or not all(
+      isinstance(seed, int) for seed in sweep.seeds):
+    problems.append(f"seeds = {sweep.seeds!r} is not a non-empty list of integers")
+  if problems:
+    raise ValueError("Bad sweep: " + "; ".join(problems) + ".")
+  return sweep
+
+
+def _is_nonempty_list(value: Any) -> bool:
+  return isinstance(value, (list, tuple)) and len(value) > 0
 
 
 def _import_file(path: str, module_name: str, what: str):
@@ -132,7 +145,11 @@ def _import_file(path: str, module_name: str, what: str):
 def load_sweep(path: str) -> Sweep:
   """Imports a sweep file and returns its `get_sweep()`."""
   module_name = "_sweep_" + slug(os.path.splitext(os.path.basename(path))[0])
-  return as_sweep(_import_file(path, module_name, "The sweep file").get_sweep())
+  sweep = _import_file(path, module_name, "The sweep file").get_sweep()
+  if not isinstance(sweep, (Sweep, Mapping)):
+    raise ValueError(f"{path}: get_sweep() must return a Sweep or a dict, not "
+                     f"{type(sweep).__name__}.")
+  return as_sweep(sweep)
 
 
 def config_path(sweep: Sweep) -> str:
@@ -156,6 +173,9 @@ def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     node = node[part]
   if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
     raise ValueError(f"Unknown config field {key!r}: not in the base config.")
+  if isinstance(node[parts[-1]], ml_collections.ConfigDict):  # would drop its others
+    raise ValueError(f"Config field {key!r} is a group of fields: set them one by one "
+                     f"with dotted keys, e.g. {key + '.' + next(iter(node[parts[-1]]))!r}.")
   try:
     node[parts[-1]] = value
   except (TypeError, KeyError, AttributeError) as e:
@@ -219,6 +239,15 @@ def prepare(sweep: Sweep, workdir: str, only: str | None = None
   return prepared
 
 
+def write_sweep_file(sweep: Sweep, workdir: str) -> None:
+  """WORKDIR/sweep.json: the base config, shared overrides and every planned trial, in
+  order (the report lists the trials not yet started from it)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
+    json.dump(dict(config=sweep.config, base=dict(sweep.base),
+                   trials=[dataclasses.asdict(t) for t in expand(sweep)]), f, indent=2)
+
+
 def write_trial_file(trial_dir: str, trial: Trial) -> None:
   os.makedirs(trial_dir, exist_ok=True)
   with open(os.path.join(trial_dir, TRIAL_FILE), "w") as f:
@@ -227,14 +256,16 @@ def write_trial_file(trial_dir: str, trial: Trial) -> None:
 
 def run(sweep: Sweep, workdir: str, only: str | None = None) -> dict[str, dict]:
   """Trains every trial not yet finished; returns {trial name: final metrics} of the
-  trials trained now (finished ones are skipped: read their final_eval.json)."""
+  trials trained now (finished ones are skipped: read their final_eval.json).
+
+  A trial that fails (a diverged learning rate, say) does not stop the others: its
+  error goes to TRIAL_DIR/failed.json and the report, the remaining trials run, and
+  then RuntimeError names the failed ones. Running the sweep again retries them.
+  """
   from vgg_jax import train  # pylint: disable=g-import-not-at-top
   prepared = prepare(sweep, workdir, only)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
-    json.dump(dict(config=sweep.config, base=dict(sweep.base),
-                   trials=[dataclasses.asdict(t) for t in expand(sweep)]), f, indent=2)
-  results = {}
+  write_sweep_file(sweep, workdir)
+  results, failed = {}, {}
   for i, (trial, config) in enumerate(prepared):
     trial_dir = os.path.join(workdir, trial.name)
     if is_finished(trial_dir):
@@ -242,7 +273,21 @@ def run(sweep: Sweep, workdir: str, only: str | None = None) -> dict[str, dict]:
       continue
     logging.info("Trial %d/%d %s: %s", i + 1, len(prepared), trial.name, trial.overrides)
     write_trial_file(trial_dir, trial)
-    results[trial.name] = train.train_and_evaluate(config, trial_dir)
+    failed_path = os.path.join(trial_dir, FAILED_FILE)
+    try:
+      results[trial.name] = train.train_and_evaluate(config, trial_dir)
+    except Exception as e:  # pylint: disable=broad-exception-caught (reported below)
+      failed[trial.name] = f"{type(e).__name__}: {e}"
+      logging.exception("Trial %s failed; going on with the others.", trial.name)
+      with open(failed_path, "w") as f:
+        json.dump(dict(error=failed[trial.name]), f, indent=2)
+      continue
+    if os.path.exists(failed_path):  # an earlier attempt's error
+      os.remove(failed_path)
+  if failed:
+    raise RuntimeError(f"{len(failed)} of {len(prepared)} trials failed (run the sweep "
+                       f"again to retry them):\n" + "\n".join(
+                           f"  {name}: {error}" for name, error in failed.items()))
   return results
 
 
@@ -271,6 +316,7 @@ def write_commands(sweep: Sweep, workdir: str, path: str, only: str | None = Non
   """Writes one command per trial to PATH (after validating all of them)."""
   prepared = prepare(sweep, workdir, only)
   lines = [command(sweep, trial, workdir) for trial, _ in prepared]
+  write_sweep_file(sweep, workdir)
   for trial, _ in prepared:  # the report reads each trial's group from its dir
     write_trial_file(os.path.join(workdir, trial.name), trial)
   with open(path, "w") as f:
