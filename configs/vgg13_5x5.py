@@ -6,9 +6,9 @@ evidence that a deep net with small filters beats a shallow one with larger filt
   python -m vgg_jax.main --config=configs/vgg13_5x5.py --workdir=$HOME/runs/vgg13_5x5 \
       --config.manual_dir=$HOME/imagenet
 
-The paper initialised this net from a trained net A (configs/vgg11.py): its first four
-conv layers and last three FC layers, the rest random. It later found that Glorot
-initialisation trains the deep nets without that pre-training, which this config does.
+The paper does not say how this net was initialised; this config uses Glorot
+initialisation, which the paper found trains its deeper nets without net A (net A's
+layers could not be grafted anyway: B-5x5's convs are 5x5 and it has no conv3_2).
 
 ImageNet must be prepared from its manual download first (see README.md). The paper
 trained each net for 2-3 weeks on four Titan Black GPUs.

@@ -12,8 +12,9 @@ S = 384". After configs/vgg16_s384.py:
       --config.init_from.checkpoint=$HOME/runs/vgg16_s384
 
 Each training image is rescaled to an S drawn from [256, 512]; every layer is copied
-from the S=384 net (rule "all"), when the run starts only, and trained at the
-fine-tuning learning rate of 1e-3.
+from the S=384 net (rule "all"), when the run starts only, and trained at a learning
+rate of 1e-3: the paper gives that rate for the S=384 fine-tuning and does not state
+one for the jittered nets, so this is our choice.
 """
 
 import os

@@ -16,7 +16,9 @@ Counting conventions: multiply-adds (MACs) count the convolutions (out_h * out_w
 * c_in * c_out) and the fully connected layers (inputs * outputs) of one image; pooling,
 ReLU and LRN are not counted, and biases are not MACs. A conv row's output includes its
 ReLU (applied in place). fc6 sees the conv trunk's (H // 32) x (W // 32) x C map, as in
-`models.VGG`, so off the 224 training size its parameter count changes with the image.
+`models.VGG`, so off the 224 training size its parameter count changes with the image:
+such a summary describes a different FC net, not the paper's dense evaluation of the
+224-trained net at a larger Q (where fc6 is applied as a 7x7 conv).
 
 Library use (benchmark, experiment reports):
 
