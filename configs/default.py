@@ -80,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Start from other weights (section 3.1): a checkpoint (a workdir, or the output of
   # vgg_jax.surgery / vgg_jax.convert) and a rule naming the layers to copy
   # (vgg_jax.surgery.RULES; "net_a": the paper's layers of net A, "all": every layer,
-  # from a checkpoint of the same architecture). Applied only when a run starts fresh, never over a resumed run.
+  # from a checkpoint of the same architecture). Applied only when a run starts fresh,
+  # never over a resumed run.
   config.init_from = ml_collections.ConfigDict()
   config.init_from.checkpoint = config_dict.placeholder(str)
   config.init_from.rule = "net_a"

@@ -403,14 +403,14 @@ def load_net(config, path: str, *, own_net: bool = True, best: bool = False,
                      + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
   name = f"{model.config} ({os.path.basename(os.path.normpath(path))})"
   return Net(name, path, net_config, model, params, meta,
-             mean_std=trained_normalization(meta, net_config.channels))
+             mean_std=trained_normalization(meta))
 
 
-def trained_normalization(meta: dict, channels: int) -> tuple | None:
+def trained_normalization(meta: dict) -> tuple | None:
   """(mean, std or None) that a run trained with, from its checkpoint's meta; None for
   converted nets and older runs (their config's mean_rgb and normalize_std serve)."""
   stored = meta.get("normalization")
-  if not stored or len(stored["mean"]) != channels:
+  if not stored:
     return None
   return tuple(stored["mean"]), stored["std"] and tuple(stored["std"])
 
@@ -648,12 +648,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   checkpoints = FLAGS.checkpoints or None
-  missing = [p for p in (checkpoints or [FLAGS.workdir]) if not os.path.isdir(p)]
+  runs = checkpoints or [FLAGS.workdir]
+  missing = [p for p in runs if not os.path.isdir(p)]
   if missing:
     raise app.UsageError(f"No such run directory: {', '.join(map(repr, missing))}.")
   config = FLAGS.config
   if config is None:
-    frozen = checkpointing.read_config((checkpoints or [FLAGS.workdir])[0])
+    frozen = checkpointing.read_config(runs[0])
     if frozen is None:
       raise app.UsageError("Give --config: the run has no config.json.")
     config = ml_collections.ConfigDict(frozen)

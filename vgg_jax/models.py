@@ -193,8 +193,9 @@ def check_image_size(height: int, width: int) -> None:
 
 # Initialisers (section 3.1). "paper": zero-mean normal with std 0.01 and zero biases, as
 # net A was trained (the paper's text says "variance 1e-2"; std 0.01 is Caffe's
-# practice, which its released models followed); "glorot": Glorot & Bengio (2010), which the paper later found trains
-# the deep nets without net A; "he": He et al. (2015), the usual choice for ReLU nets now.
+# practice, which its released models followed); "glorot": Glorot & Bengio (2010),
+# which the paper later found trains the deep nets without net A; "he": He et al.
+# (2015), the usual choice for ReLU nets now.
 INITIALIZERS: dict[str, Callable[..., Any]] = {
     "paper": nn.initializers.normal(stddev=0.01),
     "glorot": nn.initializers.glorot_uniform(),

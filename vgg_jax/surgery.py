@@ -42,9 +42,9 @@ Params = Any
 # layers and the last three fully-connected layers"). Net A's first four convs are
 # conv1_1, conv2_1, conv3_1 and conv3_2; we copy them into the layers of the *same
 # name* of B-E (in D these are its 1st, 3rd, 5th and 6th convs: the first three follow
-# a pool or the input and conv3_2 maps 256 to 256 channels, so the shapes match). Read literally, "the first four
-# conv layers" of D would be conv1_1, conv1_2, conv2_1, conv2_2, whose shapes do not
-# all match A's; the Caffe-era reproductions copy by name, as we do.
+# a pool or the input and conv3_2 maps 256 to 256 channels, so the shapes match). Read
+# literally, "the first four conv layers" of D would be conv1_1, conv1_2, conv2_1,
+# conv2_2, whose shapes do not all match A's; the Caffe-era reproductions copy by name, as we do.
 NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
 
