@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.channels = 3             # gray datasets are replicated to 3 channels, or 1
   config.shuffle_buffer = 16_384
   config.cache = False            # cache decoded training images in memory
+  config.prefetch_to_device = 2   # batches copied to the devices ahead of the step
 
   # Optimisation (section 3.1).
   config.batch_size = 256         # global, over all devices and hosts

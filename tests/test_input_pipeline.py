@@ -21,6 +21,7 @@ from configs import default
 from vgg_jax import fashion_mnist
 from vgg_jax import input_pipeline as ip
 from vgg_jax import input_pipeline_benchmark as benchmark
+from vgg_jax import transforms
 
 IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
 
@@ -48,7 +49,7 @@ def jpeg_bytes(height, width, mode="RGB", seed=0, quality=90):
 def tfdata(fn, *args):
   """FN(*ARGS) computed inside a tf.data map."""
   ds = tf.data.Dataset.from_tensors(tuple(tf.convert_to_tensor(a) for a in args))
-  return next(iter(ds.map(fn))).numpy()
+  return tf.nest.map_structure(lambda t: t.numpy(), next(iter(ds.map(fn))))
 
 
 def all_batches(iterator, n):
@@ -58,140 +59,6 @@ def all_batches(iterator, n):
 def global_batch(batch):
   """[devices, per-device, ...] -> [devices * per-device, ...]."""
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-
-
-def seeds(n):
-  return [tf.constant([i, 7], tf.int64) for i in range(n)]
-
-
-# ------------------------------------------------------------------------ transforms
-
-
-@pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 3), ("CMYK", 3), ("RGB", 1)])
-def test_decode_image_makes_rgb_or_gray(mode, channels):
-  data = jpeg_bytes(6, 9, mode)
-  image = ip.decode_image(tf.constant(data), channels).numpy()
-  assert image.shape == (6, 9, channels) and image.dtype == np.uint8
-  reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB" if channels == 3
-                                                             else "L"), np.float32)
-  assert np.abs(image.reshape(reference.shape) - reference).mean() < 3
-  np.testing.assert_array_equal(tfdata(lambda d: ip.decode_image(d, channels), data), image)
-
-
-def test_decode_image_drops_png_alpha():
-  buffer = io.BytesIO()
-  Image.fromarray(np.full((4, 5, 4), 200, np.uint8), "RGBA").save(buffer, "PNG")
-  assert ip.decode_image(tf.constant(buffer.getvalue()), 3).shape == (4, 5, 3)
-
-
-@pytest.mark.parametrize("shape,size,expected", [
-    ((20, 30), 16, (16, 24)), ((30, 20), 16, (24, 16)), ((9, 9), 16, (16, 16)),
-    ((5, 7), 16, (16, 22)), ((300, 200), 32, (48, 32))])
-def test_rescale_smallest_side(shape, size, expected):
-  image = np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
-  eager = ip.rescale_smallest_side(tf.constant(image), size).numpy()
-  assert eager.shape == expected + (3,) and eager.dtype == np.float32
-  assert eager.min() >= 0 and eager.max() <= 255
-  np.testing.assert_allclose(tfdata(ip.rescale_smallest_side, image, size), eager, atol=1e-4)
-
-
-def test_rescale_keeps_a_constant_image_constant():
-  image = tf.fill([13, 17, 3], tf.constant(77, tf.uint8))
-  np.testing.assert_allclose(ip.rescale_smallest_side(image, 32).numpy(), 77, atol=1e-3)
-
-
-def test_sample_scale_stays_within_bounds():
-  draws = np.array([int(ip.sample_scale(s, 10, 14)) for s in seeds(200)])
-  assert draws.min() == 10 and draws.max() == 14
-  assert len(set(draws)) == 5
-  assert int(ip.sample_scale(seeds(1)[0], 12, 12)) == 12
-
-
-def test_random_crop_is_a_window_of_the_image():
-  image = np.arange(12 * 15 * 3, dtype=np.float32).reshape(12, 15, 3)
-  offsets = set()
-  for seed in seeds(30):
-    crop = ip.random_crop(tf.constant(image), 8, seed).numpy()
-    top, left = divmod(int(crop[0, 0, 0]) // 3, 15)
-    assert top + 8 <= 12 and left + 8 <= 15
-    np.testing.assert_array_equal(crop, image[top:top + 8, left:left + 8])
-    offsets.add((top, left))
-  assert len(offsets) > 5
-  np.testing.assert_array_equal(
-      tfdata(lambda x, s: ip.random_crop(x, 8, s), image, seeds(1)[0]),
-      ip.random_crop(tf.constant(image), 8, seeds(1)[0]).numpy())
-
-
-def test_center_crop():
-  image = np.arange(10 * 13 * 1, dtype=np.float32).reshape(10, 13, 1)
-  crop = ip.center_crop(tf.constant(image), 6).numpy()
-  np.testing.assert_array_equal(crop, image[2:8, 3:9])
-  np.testing.assert_array_equal(tfdata(lambda x: ip.center_crop(x, 6), image), crop)
-
-
-def test_random_flip_mirrors_half_the_time():
-  image = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
-  flipped = 0
-  for seed in seeds(100):
-    out = ip.random_flip(tf.constant(image), seed).numpy()
-    if np.array_equal(out, image[:, ::-1]):
-      flipped += 1
-    else:
-      np.testing.assert_array_equal(out, image)
-  assert 30 < flipped < 70
-
-
-def test_color_shift_statistics():
-  n, std = 2000, 0.1
-  ds = tf.data.Dataset.range(n).map(
-      lambda i: ip.color_shift(tf.zeros([2, 3, 3]), tf.stack([i, np.int64(3)]), std))
-  shifts = np.stack(list(ds.as_numpy_iterator()))       # [n, 2, 3, 3]
-  np.testing.assert_array_equal(shifts, np.broadcast_to(shifts[:, :1, :1], shifts.shape))
-  rgb = shifts[:, 0, 0] / 255.0                          # eigvec @ (alpha * eigval)
-  alpha_eigval = rgb @ np.array(ip.PCA_EIGVEC)           # eigvec is orthonormal
-  np.testing.assert_allclose(alpha_eigval.std(0), std * np.array(ip.PCA_EIGVAL), rtol=0.1)
-  assert np.all(np.abs(alpha_eigval.mean(0)) < 4 * std * np.array(ip.PCA_EIGVAL) / n**0.5)
-  eager = ip.color_shift(tf.zeros([2, 3, 3]), tf.constant([5, 3], tf.int64), std).numpy()
-  np.testing.assert_allclose(eager, shifts[5], rtol=1e-6)
-
-
-def test_normalize_subtracts_the_mean_and_divides_by_std():
-  image = np.full((2, 2, 3), [130.0, 120.0, 110.0], np.float32)
-  out = ip.normalize(tf.constant(image), ip.IMAGENET_MEAN_RGB).numpy()
-  np.testing.assert_allclose(out[0, 0], [6.32, 3.22, 6.06], atol=1e-4)
-  out = ip.normalize(tf.constant(image), (100.0, 100.0, 100.0), (10.0, 20.0, 5.0)).numpy()
-  np.testing.assert_allclose(out[1, 1], [3.0, 1.0, 2.0], atol=1e-6)
-
-
-@pytest.mark.parametrize("channels", [3, 1])
-def test_train_transform_eager_equals_tfdata(channels):
-  image = np.random.default_rng(1).integers(0, 256, (21, 14, channels), dtype=np.uint8)
-  kwargs = dict(scale_min=12, scale_max=20, crop_size=10, color_std=0.1,
-                mean=(100.0,) * channels)
-  for seed in seeds(5):
-    eager = ip.train_transform(tf.constant(image), seed, **kwargs).numpy()
-    graph = tfdata(lambda x, s: ip.train_transform(x, s, **kwargs), image, seed)
-    assert eager.shape == (10, 10, channels) and eager.dtype == np.float32
-    np.testing.assert_allclose(graph, eager, atol=1e-4)
-    shift = 255 * 4 * 0.1 * sum(ip.PCA_EIGVAL) if channels == 3 else 0
-    assert eager.min() >= -100 - shift and eager.max() <= 155 + shift
-
-
-def test_train_transform_without_colour_or_flip_is_a_crop_of_the_rescaled_image():
-  image = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-  out = ip.train_transform(tf.constant(image), seeds(1)[0], scale_min=16, scale_max=16,
-                           crop_size=16, flip=False, color_std=0.0).numpy()
-  np.testing.assert_allclose(out, image, atol=1e-3)
-
-
-def test_eval_transform_eager_equals_tfdata():
-  image = np.random.default_rng(3).integers(0, 256, (30, 20, 3), dtype=np.uint8)
-  fn = lambda x: ip.eval_transform(x, scale=12, crop_size=10, mean=ip.IMAGENET_MEAN_RGB)
-  eager = fn(tf.constant(image)).numpy()
-  assert eager.shape == (10, 10, 3)
-  np.testing.assert_allclose(tfdata(fn, image), eager, atol=1e-4)
-  rescaled = ip.rescale_smallest_side(tf.constant(image), 12).numpy()  # 18 x 12
-  np.testing.assert_allclose(eager + ip.IMAGENET_MEAN_RGB, rescaled[4:14, 1:11], atol=1e-3)
 
 
 # ------------------------------------------------------------------------ TFDS source
@@ -212,7 +79,8 @@ def test_tfds_by_name(mnist):
   batch = next(ip.train_batches(mnist, seed=0))
   devices = jax.local_device_count()
   assert batch["image"].shape == (devices, 8 // devices, 16, 16, 3)
-  assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+  assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
+  assert batch["color_shift"].shape == (devices, 8 // devices, 3)
   assert batch["label"].shape == (devices, 8 // devices)
   assert batch["label"].min() >= 0 and batch["label"].max() < 10
 
@@ -240,21 +108,21 @@ def test_gray_dataset_with_one_channel_and_computed_mean(mnist, tmp_path):
   np.testing.assert_allclose(mean, [images.mean()], rtol=1e-6)
   assert std is None
   assert os.listdir(workdir) == ["vgg_jax_mean_train_1ch.json"]     # the data dir does not exist
-  batch = next(ip.eval_batches(mnist, workdir=workdir))
+  batch = next(ip.eval_batches(mnist))
   assert batch["image"].shape[-1] == 1
 
 
 def test_imagenet_mean_and_std_constants(mnist):
   mnist.normalize_std = True
   mean, std = ip.normalization(mnist)
-  assert mean == ip.IMAGENET_MEAN_RGB and std == ip.IMAGENET_STD_RGB
+  assert mean == transforms.IMAGENET_MEAN_RGB and std == transforms.IMAGENET_STD_RGB
 
 
 def test_gray_input_takes_an_rgb_mean_as_its_luma(mnist):
   mnist.channels, mnist.mean_rgb = 1, "123.68,116.78,103.94"
   ip.dataset_info(mnist)  # accepted
   mean, _ = ip.normalization(mnist)
-  np.testing.assert_allclose(mean, [np.dot(ip.GRAY_WEIGHTS, (123.68, 116.78, 103.94))])
+  np.testing.assert_allclose(mean, [np.dot(transforms.GRAY_WEIGHTS, (123.68, 116.78, 103.94))])
   mnist.mean_rgb = "1,2"
   with pytest.raises(ValueError, match=r"needs 3 values \(or 1 with channels=1\)"):
     ip.dataset_info(mnist)
@@ -344,13 +212,18 @@ def write_imagenet_manual_dir(directory, corrupt_train=False):
       add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(18, 22 + i, seed=100 + i))
 
 
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory):
-  """imagenet2012 prepared offline from a tiny manual download with one truncated JPEG."""
+@pytest.fixture(scope="module", params=["array_record", "tfrecord"])
+def imagenet(tmp_path_factory, request):
+  """imagenet2012 prepared offline from a tiny manual download with one truncated JPEG:
+  as we prepare it (ArrayRecord, read by index), or as TFRecord files (streamed)."""
   root = tmp_path_factory.mktemp("imagenet")
   manual = root / "manual"
   manual.mkdir()
   write_imagenet_manual_dir(manual, corrupt_train=True)
+  if request.param == "tfrecord":  # prepared elsewhere, in TFDS's older default format
+    tfds.builder("imagenet2012", data_dir=str(root / "tfds"), file_format="tfrecord"
+                 ).download_and_prepare(download_config=tfds.download.DownloadConfig(
+                     manual_dir=str(manual)))
   config = small_config(dataset="imagenet2012", data_dir=str(root / "tfds"),
                         manual_dir=str(manual), batch_size=8)
   info = ip.dataset_info(config)            # prepares it
@@ -360,6 +233,9 @@ def imagenet(tmp_path_factory):
 def test_imagenet_prepares_offline_from_a_manual_dir(imagenet):
   config, info = imagenet
   assert (info.num_classes, info.num_train, info.num_eval) == (1000, 15, 10)
+  stored = tfds.builder("imagenet2012", data_dir=config.data_dir).info.file_format
+  expected = "record" if stored == tfds.core.FileFormat.ARRAY_RECORD else "stream"
+  assert ip._source(config).split_data("train").kind == expected
   batch = global_batch(next(ip.train_batches(config, seed=0)))
   assert batch["image"].shape == (8, 8, 8, 3)
   assert set(batch["label"]) <= {0, 1, 2, 3, 4}
@@ -391,6 +267,75 @@ def test_imagenet_truncated_jpeg_is_skipped_and_counted(imagenet):
   for _ in range(6):
     next(cached)
   assert cached.num_skipped >= 1
+
+
+def spy_on_record_reads(monkeypatch):
+  """[(split, indices read)], one entry per call of the by-index reader."""
+  reads, real = [], ip._record_reader
+
+  def spying(builder, split, image_key, label_key):
+    records = real(builder, split, image_key, label_key)
+
+    def spied(indices):
+      def note(i):
+        reads.append((split, i.tolist()))
+        return i
+      indices = tf.ensure_shape(tf.numpy_function(note, [indices], tf.int64),
+                                indices.shape)
+      return records(indices)
+    return spied
+  monkeypatch.setattr(ip, "_record_reader", spying)
+  ip._cached_source.cache_clear()
+  return reads
+
+
+def batches_and_skips(batches, n):
+  """N global batches and, for each, whether it replaced an undecodable image."""
+  out = []
+  for _ in range(n):
+    before = batches.num_skipped
+    out.append((global_batch(next(batches)), batches.num_skipped > before))
+  return out
+
+
+def test_each_process_reads_only_its_examples_by_index(imagenet, monkeypatch):
+  """The ArrayRecord path: two processes read disjoint halves of each epoch, and their
+  slices of every global batch join into the batches of one process, also resumed.
+  (A batch holding the truncated JPEG is left out of the comparison: its slot is
+  refilled from the batch's share that the process holds.)"""
+  config = imagenet[0].copy_and_resolve_references()
+  config.update(dict(batch_size=4, cache=False))      # 3 steps per epoch of 15
+  if ip._source(config).split_data("train").kind != "record":
+    pytest.skip("a TFRecord dataset is streamed")
+  monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+  reads = spy_on_record_reads(monkeypatch)
+  whole = batches_and_skips(ip.train_batches(config, seed=1), 6)
+  _, first_epoch = reads[0]
+  assert len(first_epoch) == 12 and len(set(first_epoch)) == 12
+  resumed = all_batches(ip.train_batches(config, seed=1, start_step=4), 2)
+  for (a, _), b in zip(whole[4:], resumed):
+    np.testing.assert_array_equal(a["image"], global_batch(b)["image"])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  parts, epoch_reads = [], []
+  for process in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    reads.clear()
+    ip._cached_source.cache_clear()
+    parts.append(batches_and_skips(ip.train_batches(config, seed=1), 6))
+    epoch_reads.append(set(reads[0][1]))
+  assert all(len(r) == 6 for r in epoch_reads)       # 3 steps x 2 examples each
+  assert not epoch_reads[0] & epoch_reads[1]
+  assert epoch_reads[0] | epoch_reads[1] == set(first_epoch)
+  compared = 0
+  for (batch, skipped), (part_0, skipped_0), (part_1, skipped_1) in zip(whole, *parts):
+    if skipped or skipped_0 or skipped_1:
+      continue
+    compared += 1
+    for key in ("image", "label", "color_shift"):
+      np.testing.assert_array_equal(np.concatenate([part_0[key], part_1[key]]), batch[key])
+  assert compared >= 3
+  ip._cached_source.cache_clear()
 
 
 def test_missing_imagenet_files_name_the_files_and_the_command(tmp_path):
@@ -535,7 +480,7 @@ def test_local_fashion_mnist_builder(tmp_path):
 # ------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_reads_a_wheel_and_times_both_sides(tmp_path):
+def test_benchmark_reads_a_wheel_and_times_the_real_pipeline(tmp_path):
   wheel = tmp_path / "foolbox-3.3.4-py3-none-any.whl"
   with zipfile.ZipFile(wheel, "w") as z:
     for i in range(2):
@@ -543,11 +488,18 @@ def test_benchmark_reads_a_wheel_and_times_both_sides(tmp_path):
     z.writestr("foolbox/data/mnist_00_7.png", b"not read")
   photos = benchmark.read_photos(str(wheel))
   assert len(photos) == 2
-  jpegs = benchmark.reencode(photos, 4)
-  shapes = [Image.open(io.BytesIO(j)).size for j in jpegs]
+  jpegs = benchmark.reencode(photos, 10)
+  shapes = [Image.open(io.BytesIO(j)).size for j in jpegs[:4]]
   assert shapes == list(benchmark.IMAGENET_SIZES)
   sizes = dict(scale_min=64, scale_max=80, crop_size=56)
-  out = benchmark.pil_transform(jpegs[0], np.random.default_rng(0), **sizes)
-  assert out.shape == (56, 56, 3) and out.dtype == np.float32
-  assert benchmark.pil_images_per_second(jpegs, **sizes) > 0
-  assert benchmark.tf_images_per_second(jpegs, threads=1, **sizes) > 0
+  image, shift = benchmark.pil_transform(io.BytesIO(jpegs[0]), np.random.default_rng(0),
+                                         **sizes)
+  assert image.shape == (56, 56, 3) and image.dtype == np.uint8 and shift.shape == (3,)
+  rates = benchmark.run(jpegs, str(tmp_path / "work"), sources=["folder", "array_record"],
+                        batch_size=8, **sizes)
+  assert set(rates) == {"train_batches (folder)", "train_batches (array_record)",
+                        "PIL + numpy", "decode_jpeg alone"}
+  assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
+  # The ArrayRecord copy is the real ImageNet path: read by index.
+  config = benchmark.pipeline_config("imagenet2012", data_dir=str(tmp_path / "work/tfds"))
+  assert ip._source(config).split_data("train").kind == "record"

@@ -156,19 +156,19 @@ def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, monkey
   real_batches = input_pipeline.train_batches
   starts = []
 
-  def batches(config, *, seed, start_step, workdir, crash=None):
-    starts.append((os.path.basename(workdir), start_step))
-    for i, batch in enumerate(real_batches(config, seed=seed, start_step=start_step,
-                                           workdir=workdir)):
+  def batches(config, *, seed, start_step, crash=None):
+    starts.append((f"A-s{seed}", start_step))   # the trials differ by their seed
+    for i, batch in enumerate(real_batches(config, seed=seed, start_step=start_step)):
       if crash is not None and i == crash:
         raise Crash()
       yield batch
 
   calls = count_train_calls(monkeypatch)
-  # First run: trial A-s0 is killed after 2 of its 3 steps (checkpointed at step 2);
-  # A-s1 still runs, and the sweep then reports the failure.
+  # First run: trial A-s0 is killed after 2 of its 3 steps (checkpointed at step 2;
+  # batches are read prefetch_to_device ahead of the step); A-s1 still runs, and the
+  # sweep then reports the failure.
   monkeypatch.setattr(input_pipeline, "train_batches", lambda c, **kw: batches(
-      c, crash=2 if kw["workdir"].endswith("A-s0") else None, **kw))
+      c, crash=2 + c.prefetch_to_device if kw["seed"] == 0 else None, **kw))
   with pytest.raises(RuntimeError, match=r"1 of 2 trials failed .*\n  A-s0: Crash"):
     sweep.run(s, workdir)
   assert calls == ["A-s0", "A-s1"]

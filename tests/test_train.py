@@ -73,6 +73,8 @@ def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
   records = read_jsonl(tmp_path / "metrics.jsonl")
   losses = [r["train_loss"] for r in records if "train_loss" in r]
   assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+  waits = [r["train_data_wait_fraction"] for r in records if "train_loss" in r]
+  assert len(waits) == len(losses) and all(0 <= w <= 1 for w in waits)
   assert result["examples"] == 100 and result["step"] == 60
   assert result["top1_error"] < 0.6  # 10 classes: chance is 0.9
   evals = [r for r in records if "eval_top1_error" in r]
@@ -140,7 +142,9 @@ def test_killed_run_resumes_to_the_same_parameters(mnist, tmp_path, monkeypatch)
 
   interrupted = tmp_path / "interrupted"
   with monkeypatch.context() as patch:
-    crash_after(7, patch)  # dies after step 7; its newest checkpoint is step 6
+    # Dies after step 7 (batches are read prefetch_to_device ahead of the step); its
+    # newest checkpoint is step 6.
+    crash_after(7 + config.prefetch_to_device, patch)
     with pytest.raises(Crash):
       train.train_and_evaluate(config.copy_and_resolve_references(), str(interrupted))
   assert checkpointing.Checkpointer(str(interrupted)).latest_step() == 6
@@ -160,6 +164,18 @@ def test_killed_run_resumes_to_the_same_parameters(mnist, tmp_path, monkeypatch)
   assert rate_trace(interrupted) == trace  # resumed steps overwrite with equal values
 
 
+def test_prefetching_to_the_devices_changes_nothing(mnist, tmp_path):
+  """Batches copied to the devices 0 or 3 steps ahead: the same run, bit for bit."""
+  mnist.update(dict(num_epochs=1, dropout_rate=0.5))
+  params = []
+  for ahead in (0, 3):
+    config = mnist.copy_and_resolve_references()
+    config.prefetch_to_device = ahead
+    train.train_and_evaluate(config, str(tmp_path / str(ahead)))
+    params.append(checkpointing.load(str(tmp_path / str(ahead)))[0])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, *params)
+
+
 def test_evaluation_counts_every_example_once(mnist):
   config = mnist
   config.batch_size = 32  # 72 test examples: the last batch is padded
@@ -167,7 +183,9 @@ def test_evaluation_counts_every_example_once(mnist):
   mapping = parallel.DeviceMapping("pmap")
   model = train.create_model(config, 10)
   state = train.create_train_state(jax.random.key(0), config, model, (32, 32, 1))
-  p_eval = mapping.map(lambda p, b: train.eval_step(p, b, apply_fn=model.apply))
+  mean, std = input_pipeline.normalization(config)
+  p_eval = mapping.map(lambda p, b: train.eval_step(
+      p, input_pipeline.model_inputs(b, mean=mean, std=std), apply_fn=model.apply))
   metrics, confusion = train.evaluate(p_eval, mapping, mapping.replicate(state.params),
                                       input_pipeline.eval_batches(config))
   assert metrics["examples"] == 72 and confusion.sum() == 72
@@ -177,7 +195,8 @@ def test_evaluation_counts_every_example_once(mnist):
     keep = batch["mask"].reshape(-1) > 0
     images.append(batch["image"].reshape((-1, 32, 32, 1))[keep])
     labels.append(batch["label"].reshape(-1)[keep])
-  logits = model.apply({"params": state.params}, np.concatenate(images))
+  images = (np.concatenate(images) - np.float32(mean)) / np.float32(std)
+  logits = model.apply({"params": state.params}, images)
   labels = np.concatenate(labels)
   np.testing.assert_allclose(metrics["top1_error"],
                              np.mean(np.argmax(logits, -1) != labels), atol=1e-6)

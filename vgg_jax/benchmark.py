@@ -2,13 +2,15 @@
 --dtype=bfloat16`.
 
 The step is the real one from `train.py`, mapped over all local devices, fed the same
-device-resident synthetic batch every step (so input is not measured), and timed after
+device-resident synthetic batch every step (uint8 crops finished on the device, as the
+input pipeline ships them; the host side is not measured), and timed after
 warm-up. Printed: images per second, step time, and model-FLOP utilisation, counting
 6 x multiply-adds per image (forward 2 FLOPs per MAC, backward twice the forward) from
 `summary.count_macs`, against a peak given with --peak_tflops or known for the device.
 On CPU, run it small: `--model=A --width=0.125 --image_size=64 --batch_size=16`.
 """
 
+import functools
 import time
 from typing import Sequence
 
@@ -18,9 +20,11 @@ import jax
 import numpy as np
 
 from configs import default
+from vgg_jax import input_pipeline
 from vgg_jax import parallel
 from vgg_jax import summary
 from vgg_jax import train
+from vgg_jax import transforms
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "D", "Table 1 name or alias.")
@@ -69,14 +73,19 @@ def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=
   state = devices.replicate(train.create_train_state(
       jax.random.key(0), config, net, (image_size, image_size, 3)))
   rng = np.random.default_rng(0)
+  per_device = (n, batch_size // n)
+  # As the input pipeline ships them: uint8 crops and a colour shift per image, made
+  # model input inside the step.
   batch = devices.shard(dict(
-      image=rng.normal(size=(n, batch_size // n, image_size, image_size, 3)).astype(
-          np.float32),
-      label=rng.integers(0, num_classes, size=(n, batch_size // n)).astype(np.int32)))
+      image=rng.integers(0, 256, per_device + (image_size, image_size, 3), np.uint8),
+      color_shift=rng.normal(size=per_device + (3,)).astype(np.float32),
+      label=rng.integers(0, num_classes, size=per_device).astype(np.int32)))
+  to_inputs = functools.partial(input_pipeline.model_inputs,
+                                mean=transforms.IMAGENET_MEAN_RGB)
   dropout_rng = devices.replicate(jax.random.key_data(jax.random.key(1)))
   lr = devices.replicate(np.float32(config.learning_rate))
-  step = devices.map(lambda s, b, r, l: train.train_step(s, b, jax.random.wrap_key_data(r),
-                                                         l), donate_argnums=(0,))
+  step = devices.map(lambda s, b, r, l: train.train_step(
+      s, to_inputs(b), jax.random.wrap_key_data(r), l), donate_argnums=(0,))
   block_each_step = jax.default_backend() == "cpu"  # see train.py
   for _ in range(warmup):
     state, metrics = step(state, batch, dropout_rng, lr)

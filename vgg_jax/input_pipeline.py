@@ -6,14 +6,10 @@ Sources, chosen by `config.dataset`:
   * "folder:<dir>": <dir>/train/<class>/*.jpg and <dir>/val/<class>/*.jpg;
   * "fashion_mnist_local": Fashion-MNIST from Debian's local copy (vgg_jax.fashion_mnist).
 
-Training transforms (the paper's augmentation), each a small public function that works
-eagerly and inside tf.data: `rescale_smallest_side` to S (fixed, or drawn per image from
-[Smin, Smax] by `sample_scale`), `random_crop`, `random_flip`, `color_shift` (AlexNet's
-PCA lighting noise) and `normalize` (subtract the training set's mean RGB). Evaluation:
-`rescale_smallest_side` to Q and `center_crop`; or the whole rescaled image for dense
-evaluation (`eval_examples`, batched by shape with `bucket_by_shape`).
-
-Pixels are float32 on a 0..255 scale before the mean is subtracted (Caffe's convention).
+The per-image transforms are `vgg_jax.transforms`. The host decodes only what each crop
+keeps and ships uint8 crops (224 * 224 * 3 bytes an image at full size) with each
+image's colour-shift draw; `model_inputs`, called inside the jitted step on the device,
+turns them into the float images the net takes (colour shift, mean subtraction).
 
 Determinism. Training example number p of the stream (global batch k = p // batch_size)
 is a pure function of (config, seed, p): epoch e holds steps_per_epoch = N // batch_size
@@ -23,10 +19,13 @@ Each process takes its contiguous slice of every global batch, and its local dev
 consecutive parts of that slice, so a global batch does not depend on the device count.
 `train_batches(start_step=k)` skips to batch k without decoding anything it skips.
 
-Small datasets (decoded size under `SMALL_DATASET_BYTES`) and `config.cache` are read into
-memory once and shuffled exactly by index; image folders are read by file, also by index;
-large TFDS datasets stream from their files through a shuffle buffer of
-`config.shuffle_buffer` records (every process reads every record, and decodes its own).
+Reading. Every source is read by index, each process reading only its own examples:
+small datasets (decoded size under `SMALL_DATASET_BYTES`) and `config.cache` from memory,
+image folders by file, and large TFDS datasets by record from their ArrayRecord files
+(`tfds.data_source`), with an exact permutation per epoch. A large TFDS dataset prepared
+in the older TFRecord format can only be streamed: through a shuffle buffer of
+`config.shuffle_buffer` records, every process reading every record (a warning says how
+to prepare it as ArrayRecord).
 
 Robustness: an image that fails to decode is skipped and counted (a warning in the logs);
 in a training batch its slot goes to another image of the same batch, in evaluation its
@@ -49,34 +48,26 @@ from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vgg_jax import transforms
 
 try:  # TF is only the input pipeline here: the accelerators belong to JAX.
   tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):  # TF already initialised, or no GPU support.
   pass
 
-# ImageNet's mean and standard deviation per RGB channel, on the 0..255 scale.
-IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
-IMAGENET_STD_RGB = (58.393, 57.12, 57.375)
-# AlexNet's PCA of ImageNet's RGB pixels (0..1 scale): eigenvalues and, as columns,
-# eigenvectors.
-PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-              (-0.5808, -0.0045, -0.8140),
-              (-0.5836, -0.6948, 0.4203))
-# tf.image.rgb_to_grayscale's weights: how an RGB mean becomes a gray one.
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
-
 IMAGENET_FILES = {"train": "ILSVRC2012_img_train.tar",
                   "validation": "ILSVRC2012_img_val.tar",
                   "test": "ILSVRC2012_img_test.tar"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SMALL_DATASET_BYTES = 1 << 30   # decoded size up to which a dataset is held in memory
-NUM_THREADS = max(1, min(os.cpu_count() or 1, 8))  # tf.data's private thread pool
-_SHUFFLE_SALT, _AUGMENT_SALT = 0x5EED5, 0xA6
+_MEAN_RECORD_BYTES = 110_000    # an ImageNet JPEG, for the size of a dataset of records
+LOOKUP_BATCH = 64               # examples read per call of a by-index lookup
+_SHUFFLE_SALT = 0x5EED5
 
 
 # ------------------------------------------------------------------ the public contract
@@ -108,44 +99,43 @@ def dataset_info(config) -> DatasetInfo:
                      class_names=source.class_names)
 
 
-def train_batches(config, *, seed: int, start_step: int = 0,
-                  workdir: str | None = None) -> "Batches":
+def train_batches(config, *, seed: int, start_step: int = 0) -> "Batches":
   """The endless stream of augmented training batches of this process, from batch START_STEP.
 
-  Yields {'image': float32 [local devices, per-device batch, crop, crop, channels],
-  'label': int32 [local devices, per-device batch]}. See the module docstring for how a
-  batch depends on (config, seed, step) only.
+  Yields {'image': uint8 [local devices, per-device batch, crop, crop, channels],
+  'color_shift': float32 [local devices, per-device batch, channels], 'label': int32
+  [local devices, per-device batch]}; `model_inputs` finishes them on the device. See the
+  module docstring for how a batch depends on (config, seed, step) only.
   """
   validate_config(config)
   per_process = per_process_batch_size(config.batch_size)
-  source = _source(config)
-  data = source.split_data(config.train_split)
-  mean, std = normalization(config, workdir=workdir)
+  data = _source(config).split_data(config.train_split)
   steps_per_epoch = max(1, data.num_examples // config.batch_size)
   first_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
 
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(functools.partial(
-      _epoch_examples, data=data, seed=seed, batch_size=config.batch_size,
-      steps_per_epoch=steps_per_epoch, shuffle_buffer=config.shuffle_buffer))
-  ds = ds.skip(skip_batches * per_process)  # before anything is read or decoded
-  transform = functools.partial(
-      train_transform, scale_min=config.train_scale_min, scale_max=config.train_scale_max,
-      crop_size=config.crop_size, flip=config.random_flip,
-      color_std=config.color_shift_std, mean=mean, std=std)
+  # The first epoch starts at batch skip_batches: nothing before it is read or decoded.
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(lambda epoch: _epoch_examples(
+      epoch, data=data, seed=seed, batch_size=config.batch_size,
+      steps_per_epoch=steps_per_epoch, shuffle_buffer=config.shuffle_buffer,
+      skip=tf.where(epoch == first_epoch, np.int64(skip_batches * per_process),
+                    np.int64(0))))
+  crop = functools.partial(
+      transforms.train_crop, scale_min=config.train_scale_min,
+      scale_max=config.train_scale_max, crop_size=config.crop_size,
+      channels=config.channels, flip=config.random_flip, color_std=config.color_shift_std)
 
   def augment(example):
-    image = data.load(example["item"], config.channels)
-    example_seed = augment_seed(seed, example["epoch"], example["position"])
-    return {"image": transform(image, example_seed), "label": example["label"]}
+    example_seed = transforms.augment_seed(seed, example["epoch"], example["position"])
+    return dict(crop(data.read(example["item"]), example_seed), label=example["label"])
 
   ds = _map_keeping_slots(ds, augment)
   ds = ds.batch(per_process, drop_remainder=True).map(_replace_invalid)
-  return Batches(ds.prefetch(2).with_options(_options()), ("image", "label"))
+  return Batches(ds.prefetch(2).with_options(_options()),
+                 ("image", "color_shift", "label"))
 
 
-def eval_batches(config, *, split: str | None = None,
-                 workdir: str | None = None) -> "Batches":
-  """One pass over this process's shard of the eval split, centre crops at Q.
+def eval_batches(config, *, split: str | None = None) -> "Batches":
+  """One pass over this process's shard of the eval split, uint8 centre crops at Q.
 
   Yields {'image', 'label', 'mask'} shaped like `train_batches`; 'mask' is 1 for real
   examples and 0 for the zero padding of the last batches and for undecodable images.
@@ -154,13 +144,11 @@ def eval_batches(config, *, split: str | None = None,
   validate_config(config)
   per_process = per_process_batch_size(config.batch_size)
   data = _source(config).split_data(split or config.eval_split)
-  mean, std = normalization(config, workdir=workdir)
   num_batches = math.ceil(math.ceil(data.num_examples / jax.process_count()) / per_process)
 
   def transform(example):
-    image = eval_transform(data.load(example["item"], config.channels),
-                           scale=config.eval_scale, crop_size=config.crop_size,
-                           mean=mean, std=std)
+    image = transforms.eval_crop(data.read(example["item"]), scale=config.eval_scale,
+                                 crop_size=config.crop_size, channels=config.channels)
     return {"image": image, "label": example["label"]}
 
   ds = _map_keeping_slots(_shard_examples(data), transform,
@@ -173,6 +161,24 @@ def eval_batches(config, *, split: str | None = None,
   ds = ds.batch(per_process)
   return Batches(ds.prefetch(2).with_options(_options()), ("image", "label", "mask"),
                  count_invalid="mask", num_real=_shard_size(data.num_examples))
+
+
+def model_inputs(batch: dict, *, mean, std=None) -> dict:
+  """On the device, inside the jitted step: a batch of uint8 crops made model input.
+
+  Adds each image's colour shift (training batches carry it) and subtracts the MEAN
+  (dividing by STD unless None): float32 images, in the order the host pipeline did them
+  when it shipped floats, so results equal it up to the uint8 rounding of the crop.
+  """
+  image = batch["image"].astype(jnp.float32)
+  if "color_shift" in batch:
+    image = image + batch["color_shift"][..., None, None, :]
+  image = image - jnp.asarray(mean, jnp.float32)
+  if std is not None:
+    image = image / jnp.asarray(std, jnp.float32)
+  inputs = {k: v for k, v in batch.items() if k != "color_shift"}
+  inputs["image"] = image
+  return inputs
 
 
 # --------------------------------------------------------- dense evaluation (section 3.2)
@@ -195,10 +201,13 @@ def eval_examples(config, *, scale: int, split: str | None = None,
   mean, std = mean_std or normalization(config, workdir=workdir)
 
   def transform(example):
-    image = rescale_smallest_side(data.load(example["item"], config.channels), scale)
     if crop_size:
-      image = center_crop(image, crop_size)
-    return {"image": normalize(image, mean, std), "label": example["label"],
+      image = transforms.rescaled_crop(data.read(example["item"]), scale=scale,
+                                       crop_size=crop_size, channels=config.channels)
+    else:
+      image = transforms.rescale_smallest_side(
+          data.load(example["item"], config.channels), scale)
+    return {"image": transforms.normalize(image, mean, std), "label": example["label"],
             "index": example["index"]}
 
   return _map_keeping_slots(_shard_examples(data), transform,
@@ -246,122 +255,6 @@ def dense_eval_batches(config, *, scale: int, batch_size: int, split: str | None
       batch = {k: v[valid] for k, v in batch.items()}
     if len(batch["label"]):
       yield batch
-
-
-# ------------------------------------------------------------------------- transforms
-
-
-def decode_image(data: tf.Tensor, channels: int = 3) -> tf.Tensor:
-  """JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, CHANNELS]; gray, CMYK and RGBA converted."""
-  image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-  image.set_shape([None, None, channels])
-  return image
-
-
-def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """Gray [h, w, 1] replicated to RGB when CHANNELS is 3; RGB made gray when it is 1."""
-  have = image.shape[-1]
-  if have == channels:
-    return image
-  if channels == 3 and have == 1:
-    return tf.image.grayscale_to_rgb(image)
-  if channels == 1 and have == 3:
-    return tf.image.rgb_to_grayscale(image)
-  raise ValueError(f"Cannot turn {have}-channel images into {channels} channels.")
-
-
-def rescale_smallest_side(image: tf.Tensor, size) -> tf.Tensor:
-  """Isotropic bilinear (antialiased) rescale so the smallest side is SIZE; float32 0..255."""
-  shape = tf.shape(image)[:2]
-  height, width = shape[0], shape[1]
-  size = tf.cast(size, tf.int32)
-  ratio = tf.cast(size, tf.float64) / tf.cast(tf.minimum(height, width), tf.float64)
-
-  def scaled(side):
-    return tf.maximum(size, tf.cast(tf.round(tf.cast(side, tf.float64) * ratio), tf.int32))
-
-  new_size = tf.stack([tf.where(height <= width, size, scaled(height)),
-                       tf.where(height <= width, scaled(width), size)])
-  image = tf.cast(image, tf.float32)
-  # Antialiasing only changes a reduction (and is 4x slower): enlargements skip it.
-  return tf.cond(ratio < 1,
-                 lambda: tf.image.resize(image, new_size, "bilinear", antialias=True),
-                 lambda: tf.image.resize(image, new_size, "bilinear", antialias=False))
-
-
-def sample_scale(seed: tf.Tensor, scale_min: int, scale_max: int) -> tf.Tensor:
-  """S drawn uniformly from the integers of [SCALE_MIN, SCALE_MAX] (scale jittering)."""
-  if scale_min == scale_max:
-    return tf.constant(scale_min, tf.int32)
-  return tf.random.stateless_uniform([], seed, minval=scale_min, maxval=scale_max + 1,
-                                     dtype=tf.int32)
-
-
-def random_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  """One SIZE x SIZE crop at a uniformly random position inside the image."""
-  return tf.image.stateless_random_crop(image, [size, size, image.shape[-1]], seed)
-
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central SIZE x SIZE crop (the image must be at least that large)."""
-  shape = tf.shape(image)
-  top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
-  return tf.ensure_shape(image[top:top + size, left:left + size],
-                         [size, size, image.shape[-1]])
-
-
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Mirrors the image left to right with probability 1/2."""
-  return tf.image.stateless_random_flip_left_right(image, seed)
-
-
-def color_shift(image: tf.Tensor, seed: tf.Tensor, std: float = 0.1) -> tf.Tensor:
-  """AlexNet's PCA colour shift: adds eigvec @ (alpha * eigval) * 255, alpha ~ N(0, STD).
-
-  One shift per image, the same for every pixel; images on the 0..255 scale, RGB.
-  """
-  alpha = tf.random.stateless_normal([3], seed, stddev=std)
-  shift = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
-  return image + 255.0 * shift
-
-
-def normalize(image: tf.Tensor, mean, std=None) -> tf.Tensor:
-  """(IMAGE - MEAN) / STD per channel; no division when STD is None."""
-  image = tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)
-  return image if std is None else image / tf.constant(std, tf.float32)
-
-
-def augment_seed(seed, epoch, position) -> tf.Tensor:
-  """The stateless seed ([2] int64) of the augmentation of one training example."""
-  base = tf.constant([seed, _AUGMENT_SALT], tf.int64)
-  return tf.random.experimental.stateless_fold_in(
-      tf.random.experimental.stateless_fold_in(base, epoch), position)
-
-
-def train_transform(image: tf.Tensor, seed: tf.Tensor, *, scale_min: int, scale_max: int,
-                    crop_size: int, flip: bool = True, color_std: float = 0.1,
-                    mean=None, std=None) -> tf.Tensor:
-  """Section 3.1: rescale to S, random crop, flip, colour shift, mean subtraction.
-
-  IMAGE: uint8 or float [h, w, c] on the 0..255 scale; SEED: [2] ints. Returns float32
-  [crop_size, crop_size, c]. The colour shift applies to RGB images only.
-  """
-  scale_seed, crop_seed, flip_seed, color_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
-  image = rescale_smallest_side(image, sample_scale(scale_seed, scale_min, scale_max))
-  image = random_crop(image, crop_size, crop_seed)
-  if flip:
-    image = random_flip(image, flip_seed)
-  if color_std and image.shape[-1] == 3:
-    image = color_shift(image, color_seed, color_std)
-  return image if mean is None else normalize(image, mean, std)
-
-
-def eval_transform(image: tf.Tensor, *, scale: int, crop_size: int, mean=None,
-                   std=None) -> tf.Tensor:
-  """Section 3.2 (single crop): rescale to Q = SCALE, centre crop, mean subtraction."""
-  image = center_crop(rescale_smallest_side(image, scale), crop_size)
-  return image if mean is None else normalize(image, mean, std)
 
 
 # ---------------------------------------------------------------------- configuration
@@ -420,13 +313,13 @@ def normalization(config, workdir: str | None = None):
     stats = training_mean(config, workdir=workdir)
     mean, std = stats["mean"], stats["std"]
   else:
-    mean = (IMAGENET_MEAN_RGB if config.mean_rgb == "imagenet"
+    mean = (transforms.IMAGENET_MEAN_RGB if config.mean_rgb == "imagenet"
             else mean_values(config.mean_rgb))
-    std = IMAGENET_STD_RGB
+    std = transforms.IMAGENET_STD_RGB
     if config.channels == 1 and len(mean) == 3:
-      mean = (float(np.dot(GRAY_WEIGHTS, mean)),)
+      mean = (float(np.dot(transforms.GRAY_WEIGHTS, mean)),)
     if config.channels == 1:
-      std = (float(np.dot(GRAY_WEIGHTS, std)),)
+      std = (float(np.dot(transforms.GRAY_WEIGHTS, std)),)
   return tuple(mean), (tuple(std) if config.normalize_std else None)
 
 
@@ -466,16 +359,25 @@ def training_mean(config, workdir: str | None = None) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class SplitData:
-  """One split's examples: random access to `items` by index, or `stream()` in order.
+  """One split's examples: read by index (`lookup`), or `stream()` in order.
 
   kind: "pixels" (items uint8 [N, h, w, c]), "encoded" (items: image bytes [N]),
-  "path" (items: file paths [N]) or "stream" (TFDS records of encoded images).
+  "path" (items: file paths [N]), "record" (TFDS ArrayRecord files, read by index with
+  `records`) or "stream" (TFDS TFRecord files, read in order).
   """
   kind: str
   num_examples: int
   items: Any = None
   labels: Any = None
   stream: Callable[[], tf.data.Dataset] | None = None
+  records: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
+
+  def lookup(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(items, labels) of the examples at INDICES (int64 [n]), in tf.data."""
+    if self.kind == "record":
+      return self.records(indices)
+    items, labels = self.table
+    return tf.gather(items, indices), tf.gather(labels, indices)
 
   @functools.cached_property
   def table(self) -> tuple[tf.Tensor, tf.Tensor]:
@@ -483,13 +385,16 @@ class SplitData:
     with tf.init_scope():
       return tf.constant(self.items), tf.constant(self.labels)
 
+  def read(self, item: tf.Tensor) -> tf.Tensor:
+    """The item as `transforms.rescaled_crop` takes it: encoded bytes, or pixels."""
+    return tf.io.read_file(item) if self.kind == "path" else item
+
   def load(self, item: tf.Tensor, channels: int) -> tf.Tensor:
     """uint8 image [h, w, CHANNELS]; fails (in tf.data) on an undecodable image, which
     `_map_keeping_slots` then skips."""
     if self.kind == "pixels":
-      return to_channels(item, channels)
-    read = tf.io.read_file if self.kind == "path" else tf.identity
-    return decode_image(read(item), channels)
+      return transforms.to_channels(item, channels)
+    return transforms.decode_image(self.read(item), channels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,6 +485,10 @@ def _tfds_source(name: str, data_dir, manual_dir, cache: bool) -> Source:
   image_key, label_key = info.supervised_keys or ("image", "label")
   image_feature, label_feature = info.features[image_key], info.features[label_key]
 
+  # (Not under tfds.testing.mock_data, which makes examples without files.)
+  random_access = (info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+                   and builder.is_prepared())
+
   @functools.lru_cache(maxsize=None)
   def num_examples(split):
     try:
@@ -590,20 +499,35 @@ def _tfds_source(name: str, data_dir, manual_dir, cache: bool) -> Source:
 
   def split_data(split):
     n = num_examples(split)
+    if random_access:
+      indexed = SplitData("record", n, records=_record_reader(builder, split, image_key,
+                                                              label_key))
+      in_order = lambda: _looked_up(  # pylint: disable=g-long-lambda
+          tf.data.Dataset.range(n).map(lambda i: {"index": i}), indexed).map(
+              lambda x: (x["item"], x["label"]))
+    else:
+      in_order = functools.partial(_tfds_records, builder, split, image_key, label_key)
     shape = tuple(image_feature.shape)
-    fixed = None not in shape
-    if fixed and (cache or n * math.prod(shape) <= SMALL_DATASET_BYTES):
-      images, labels = _read_all(builder.as_dataset(split=split, shuffle_files=False),
-                                 image_key, label_key)
+    if None not in shape and (cache or n * math.prod(shape) <= SMALL_DATASET_BYTES):
+      images, labels = _read_all(in_order().map(
+          lambda item, label: (image_feature.decode_example(item), label)))
       return SplitData("pixels", len(labels), images, labels)
     if not isinstance(image_feature, tfds.features.Image):
       raise ValueError(f"{name}: the {image_key!r} feature is not an image of fixed shape "
                        "or an encoded image; set config.cache=True to read it in memory.")
-    records = functools.partial(_tfds_records, builder, split, image_key, label_key)
     if cache:
-      items, labels = _read_all(records(), 0, 1)
+      items, labels = _read_all(in_order())
       return SplitData("encoded", len(labels), items, labels)
-    return SplitData("stream", n, stream=records)
+    if random_access:
+      return indexed
+    if n * _MEAN_RECORD_BYTES > SMALL_DATASET_BYTES:
+      logging.warning(
+          "%s is stored as TFRecord files, which can only be streamed: every process reads "
+          "every record, through a shuffle buffer. Prepare it as ArrayRecord to read each "
+          "process's examples by index, exactly shuffled: delete %s and run\n  python -m "
+          "vgg_jax.input_pipeline --dataset=%s --data_dir=%s", name, builder.data_dir,
+          name, os.path.dirname(os.path.dirname(builder.data_dir)))
+    return SplitData("stream", n, stream=in_order)
 
   cache_dir = builder.data_dir if os.path.isdir(builder.data_dir) else None
   return Source(name, label_feature.num_classes, tuple(label_feature.names or ()) or None,
@@ -617,12 +541,38 @@ def _tfds_records(builder, split, image_key, label_key) -> tf.data.Dataset:
   return ds.map(lambda x: (x[image_key], tf.cast(x[label_key], tf.int32)))
 
 
-def _read_all(ds: tf.data.Dataset, image_key, label_key):
-  """All examples of DS as numpy arrays (images stacked, or bytes as an object array)."""
+def _record_reader(builder, split: str, image_key: str, label_key: str):
+  """A function: indices (int64 [n]) -> (encoded images, int32 labels), read by index.
+
+  The records come from the split's ArrayRecord files through TFDS's data source (raw
+  bytes: its own per-record parsing runs in Python, 10x slower) and are parsed in TF.
+  A tf.numpy_function reads a whole batch of indices per call. (grain over the same
+  data source was measured 5x slower per core here: its per-record work is Python.)
+  """
+  source = builder.as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  spec = {image_key: tf.io.FixedLenFeature([], tf.string),
+          label_key: tf.io.FixedLenFeature([], tf.int64)}
+
+  def read(indices: np.ndarray) -> np.ndarray:
+    # A list first: numpy would strip trailing zero bytes of a bytes array's elements.
+    return np.array([source[int(i)] for i in indices], dtype=object)
+
+  def records(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    serialized = tf.numpy_function(read, [indices], tf.string, stateful=False)
+    serialized = tf.ensure_shape(serialized, indices.shape)
+    parsed = tf.io.parse_example(serialized, spec)
+    return parsed[image_key], tf.cast(parsed[label_key], tf.int32)
+
+  return records
+
+
+def _read_all(ds: tf.data.Dataset):
+  """All (image, label) of DS as numpy arrays (images stacked, or bytes as objects)."""
   images, labels = [], []
-  for batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
-    images.append(batch[image_key])
-    labels.append(batch[label_key])
+  for image, label in ds.batch(1024).prefetch(2).as_numpy_iterator():
+    images.append(image)
+    labels.append(label)
   images = np.concatenate(images) if images else np.zeros((0,), object)
   return images, np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
 
@@ -641,6 +591,8 @@ def _prepared_builder(name: str, data_dir, manual_dir):
     return builder
   if name == "imagenet2012":
     _check_imagenet_files(builder, data_dir, manual_dir)
+  # ArrayRecord: read by index, so that each process reads only its own examples.
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   logging.info("Preparing %s in %s.", name, builder.data_dir)
   try:
@@ -683,11 +635,12 @@ def _check_imagenet_files(builder, data_dir, manual_dir) -> None:
 
 
 def _epoch_examples(epoch, *, data: SplitData, seed: int, batch_size: int,
-                    steps_per_epoch: int, shuffle_buffer: int) -> tf.data.Dataset:
+                    steps_per_epoch: int, shuffle_buffer: int, skip=0) -> tf.data.Dataset:
   """This process's examples of one training epoch: {'epoch', 'position', 'item', 'label'}.
 
   Position i of the epoch's steps_per_epoch * batch_size examples belongs to global batch
-  i // batch_size; this process keeps its contiguous slice of each batch.
+  i // batch_size; this process keeps its contiguous slice of each batch, less its first
+  SKIP examples (a resumed epoch), and reads only those.
   """
   per_process = batch_size // jax.process_count()
   length = steps_per_epoch * batch_size
@@ -699,7 +652,7 @@ def _epoch_examples(epoch, *, data: SplitData, seed: int, batch_size: int,
   if data.kind == "stream":
     shuffle_seed = (tf.constant(seed, tf.int64) * 1_000_003 + _SHUFFLE_SALT) + epoch
     ds = data.stream().repeat(repeats).shuffle(shuffle_buffer, seed=shuffle_seed)
-    ds = ds.take(length).enumerate().filter(lambda i, _: mine(i))
+    ds = ds.take(length).enumerate().filter(lambda i, _: mine(i)).skip(skip)
     return ds.map(lambda i, x: {"epoch": epoch, "position": i, "item": x[0], "label": x[1]})
 
   permutation = tf.random.experimental.stateless_shuffle(
@@ -707,13 +660,10 @@ def _epoch_examples(epoch, *, data: SplitData, seed: int, batch_size: int,
       seed=tf.random.experimental.stateless_fold_in(
           tf.constant([seed, _SHUFFLE_SALT], tf.int64), epoch))
   positions = tf.range(length, dtype=tf.int64)
-  positions = tf.boolean_mask(positions, mine(positions))
+  positions = tf.boolean_mask(positions, mine(positions))[skip:]
   indices = tf.gather(permutation, positions % data.num_examples)
   ds = tf.data.Dataset.from_tensor_slices({"position": positions, "index": indices})
-  items, labels = data.table
-  return ds.map(lambda x: {"epoch": epoch, "position": x["position"],
-                           "item": tf.gather(items, x["index"]),
-                           "label": tf.gather(labels, x["index"])})
+  return _looked_up(ds, data).map(lambda x: dict(x, epoch=epoch))
 
 
 def _shard_size(num_examples: int) -> int:
@@ -727,9 +677,17 @@ def _shard_examples(data: SplitData) -> tf.data.Dataset:
   if data.kind == "stream":
     ds = data.stream().enumerate().shard(processes, process)
     return ds.map(lambda i, x: {"index": i, "item": x[0], "label": x[1]})
-  items, labels = data.table
-  return tf.data.Dataset.range(process, data.num_examples, processes).map(
-      lambda i: {"index": i, "item": tf.gather(items, i), "label": tf.gather(labels, i)})
+  return _looked_up(tf.data.Dataset.range(process, data.num_examples, processes).map(
+      lambda i: {"index": i}), data)
+
+
+def _looked_up(ds: tf.data.Dataset, data: SplitData) -> tf.data.Dataset:
+  """DS's examples with the 'item' and 'label' at their 'index', read LOOKUP_BATCH at a
+  time (one call of a by-index reader per batch), in order."""
+  def lookup(examples):
+    items, labels = data.lookup(examples["index"])
+    return dict(examples, item=items, label=labels)
+  return ds.batch(LOOKUP_BATCH).map(lookup, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def _map_keeping_slots(ds: tf.data.Dataset, fn, length: int | None = None
@@ -803,7 +761,15 @@ def _all_examples(data: SplitData) -> tf.data.Dataset:
   """Every example of a split, in order (all processes compute the same statistics)."""
   if data.kind == "stream":
     return data.stream().map(lambda item, label: {"item": item, "label": label})
-  return tf.data.Dataset.from_tensor_slices({"item": data.items, "label": data.labels})
+  return _looked_up(tf.data.Dataset.range(data.num_examples).map(lambda i: {"index": i}),
+                    data)
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (fewer than the machine's when pinned)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def _safe_name(split: str) -> str:
@@ -813,7 +779,7 @@ def _safe_name(split: str) -> str:
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
-  options.threading.private_threadpool_size = NUM_THREADS
+  options.threading.private_threadpool_size = min(8, usable_cores())
   options.threading.max_intra_op_parallelism = 1
   return options
 

@@ -1,14 +1,19 @@
-"""Throughput of the training transforms on ImageNet-size JPEGs: tf.data vs PIL + numpy.
+"""Throughput of the real training input pipeline on ImageNet-size JPEGs, against PIL.
 
-  python -m vgg_jax.input_pipeline_benchmark [--images_dir=DIR_OR_WHEEL] [--threads=1]
+  taskset -c 1 python -m vgg_jax.input_pipeline_benchmark     # per core: pin it
 
-Both sides decode a JPEG, rescale its smallest side to S drawn from [Smin, Smax], take a
-random crop, flip, add AlexNet's colour shift and subtract the mean RGB, one image at a
-time; the figures are images per second per core (tf.data runs on --threads threads).
+Times `input_pipeline.train_batches` itself (decode only the crop's window, rescale to S
+drawn from [Smin, Smax], random crop, flip, colour-shift draw, uint8 batches) reading
+  * an image folder (`folder:<dir>`, one JPEG file per image), and
+  * imagenet2012 prepared here as TFDS ArrayRecord files from a manual download made of
+    the same JPEGs (read by index, as on a real ImageNet run),
+beside a PIL + numpy loop doing the same transforms one image at a time (decode the whole
+JPEG, rescale it, crop, flip, uint8 array, colour draw). The figures are images per
+second per core: divided by the cores this process may use (pin it with taskset).
 
 The photos: foolbox 3.3.4 (PyPI, MIT licence) ships 20 real ImageNet validation photos
-(512x512) under foolbox/data/. Found there when foolbox is installed, or read from its
-wheel without importing it:
+under foolbox/data/. Found there when foolbox is installed, or read from its wheel
+without importing it:
 
   pip download --no-deps foolbox==3.3.4 -d /tmp/fb
   python -m vgg_jax.input_pipeline_benchmark --images_dir=/tmp/fb/foolbox-3.3.4-py3-none-any.whl
@@ -23,6 +28,8 @@ import glob
 import importlib.util
 import io
 import os
+import tarfile
+import tempfile
 import time
 import zipfile
 
@@ -30,20 +37,30 @@ from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
+from configs import default
 from vgg_jax import input_pipeline as ip
+from vgg_jax import transforms
 
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (400, 500))  # (width, height)
+# Five ImageNet classes (wnids of TFDS's imagenet2012 labels) for the manual download.
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
 
 flags.DEFINE_string("images_dir", None, "Folder of JPEGs, or foolbox's wheel; default: "
                     "the ImageNet photos of an installed foolbox.")
-flags.DEFINE_integer("num_images", 400, "Images per timing (the photos, repeated).")
+flags.DEFINE_integer("num_images", 640, "Images per timing (the photos, re-encoded).")
 flags.DEFINE_integer("scale_min", 256, "Smin.")
 flags.DEFINE_integer("scale_max", 512, "Smax.")
 flags.DEFINE_integer("crop_size", 224, "Crop size.")
-flags.DEFINE_integer("threads", 1, "tf.data threads; figures are divided by it.")
+flags.DEFINE_integer("images_per_batch", 32, "Batch size of train_batches.")
+flags.DEFINE_list("sources", ["folder", "array_record"], "What train_batches reads.")
+flags.DEFINE_integer("repeats", 3, "Timings of each side, alternating; the median counts.")
+flags.DEFINE_string("write_folder", None, "Only write the JPEGs as an image folder "
+                    "(DIR/{train,val}/<wnid>/) for a training run, and exit.")
 FLAGS = flags.FLAGS
+
+
+# ------------------------------------------------------------------------ the photos
 
 
 def foolbox_data_dir() -> str | None:
@@ -86,71 +103,163 @@ def reencode(photos: list[bytes], count: int) -> list[bytes]:
   return out
 
 
-def tf_images_per_second(jpegs, *, scale_min, scale_max, crop_size, threads) -> float:
-  """tf.data: decode_image + ip.train_transform, per example, on THREADS threads."""
-  def transform(i, data):
-    return ip.train_transform(ip.decode_image(data, 3), ip.augment_seed(0, 0, i),
-                              scale_min=scale_min, scale_max=scale_max,
-                              crop_size=crop_size, mean=ip.IMAGENET_MEAN_RGB)
+def write_image_folder(root: str, jpegs: list[bytes]) -> list[str]:
+  """ROOT/{train,val}/<wnid>/<i>.JPEG, the JPEGs dealt over the classes; train's paths."""
+  paths = []
+  for split in ("train", "val"):
+    for i, data in enumerate(jpegs if split == "train" else jpegs[:len(WNIDS)]):
+      path = os.path.join(root, split, WNIDS[i % len(WNIDS)], f"{i:06d}.JPEG")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "wb") as f:
+        f.write(data)
+      paths.append(path)
+  return paths[:len(jpegs)]
 
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = threads
-  options.threading.max_intra_op_parallelism = 1
-  ds = tf.data.Dataset.from_tensor_slices(tf.constant(jpegs)).enumerate()
-  ds = ds.map(transform, num_parallel_calls=threads).batch(32).with_options(options)
-  for _ in ds.take(2):  # warm up: tracing, thread pool
-    pass
+
+def write_imagenet_manual_dir(directory: str, jpegs: list[bytes]) -> None:
+  """ILSVRC2012_img_{train,val}.tar as ImageNet ships them, holding the JPEGs."""
+  def add(tar, name, data):
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    tar.addfile(member, io.BytesIO(data))
+
+  with tarfile.open(os.path.join(directory, ip.IMAGENET_FILES["train"]), "w") as train:
+    for c, wnid in enumerate(WNIDS):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as tar:
+        for i in range(c, len(jpegs), len(WNIDS)):
+          add(tar, f"{wnid}_{i}.JPEG", jpegs[i])
+      add(train, f"{wnid}.tar", inner.getvalue())
+  with tarfile.open(os.path.join(directory, ip.IMAGENET_FILES["validation"]), "w") as val:
+    for i in range(len(WNIDS)):
+      add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpegs[i])
+
+
+# ------------------------------------------------------------------------ the timings
+
+
+def pipeline_config(dataset: str, **overrides):
+  """The default config reading DATASET, with the benchmark's sizes."""
+  config = default.get_config()
+  config.update(dict(dataset=dataset, mean_rgb="imagenet"), **overrides)
+  return config
+
+
+def train_batches_per_second(config, num_images: int, warmup_batches: int = 8) -> float:
+  """Images/s of `input_pipeline.train_batches` over NUM_IMAGES, in the steady state:
+  after WARMUP_BATCHES, while tf.data's autotuning settles."""
+  batches = ip.train_batches(config, seed=0)
+  for _ in range(warmup_batches):
+    next(batches)
   start = time.perf_counter()
-  for _ in ds:
-    pass
-  return len(jpegs) / (time.perf_counter() - start)
+  steps = max(1, num_images // config.batch_size)
+  for _ in range(steps):
+    next(batches)
+  return steps * config.batch_size / (time.perf_counter() - start)
 
 
-def pil_transform(data: bytes, rng: np.random.Generator, *, scale_min, scale_max,
-                  crop_size) -> np.ndarray:
-  """The same transforms with PIL (decode, bilinear rescale) and numpy (the rest)."""
-  image = Image.open(io.BytesIO(data)).convert("RGB")
+def pil_transform(path: str, rng: np.random.Generator, *, scale_min, scale_max,
+                  crop_size) -> tuple[np.ndarray, np.ndarray]:
+  """The same transforms with PIL (decode, bilinear rescale) and numpy: uint8, colour."""
+  image = Image.open(path).convert("RGB")
   size = int(rng.integers(scale_min, scale_max + 1))
   width, height = image.size
   ratio = size / min(width, height)
   image = image.resize((max(size, round(width * ratio)), max(size, round(height * ratio))),
                        Image.BILINEAR)
-  pixels = np.asarray(image, np.float32)
+  pixels = np.asarray(image)
   top = rng.integers(0, pixels.shape[0] - crop_size + 1)
   left = rng.integers(0, pixels.shape[1] - crop_size + 1)
   pixels = pixels[top:top + crop_size, left:left + crop_size]
   if rng.random() < 0.5:
     pixels = pixels[:, ::-1]
   alpha = rng.normal(0, 0.1, 3)
-  shift = 255 * np.array(ip.PCA_EIGVEC) @ (alpha * np.array(ip.PCA_EIGVAL))
-  return pixels + (shift - np.array(ip.IMAGENET_MEAN_RGB)).astype(np.float32)
+  shift = 255 * np.array(transforms.PCA_EIGVEC) @ (alpha * np.array(transforms.PCA_EIGVAL))
+  return np.ascontiguousarray(pixels), shift.astype(np.float32)
 
 
-def pil_images_per_second(jpegs, **kwargs) -> float:
-  """`pil_transform` on every JPEG, one after the other (one core)."""
+def pil_images_per_second(paths: list[str], **sizes) -> float:
+  """`pil_transform` on every file, one after the other (one core)."""
   rng = np.random.default_rng(0)
-  pil_transform(jpegs[0], rng, **kwargs)
+  pil_transform(paths[0], rng, **sizes)
   start = time.perf_counter()
-  for data in jpegs:
-    pil_transform(data, rng, **kwargs)
-  return len(jpegs) / (time.perf_counter() - start)
+  for path in paths:
+    pil_transform(path, rng, **sizes)
+  return len(paths) / (time.perf_counter() - start)
+
+
+def decode_images_per_second(paths: list[str]) -> float:
+  """Reading and decoding each whole JPEG with tf.io.decode_jpeg (nothing else), eagerly:
+  the ceiling of any pipeline that decodes whole images, on this machine."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  decode = tf.function(lambda path: tf.shape(tf.io.decode_jpeg(tf.io.read_file(path), 3)),
+                       input_signature=[tf.TensorSpec([], tf.string)])
+  decode(paths[0])
+  start = time.perf_counter()
+  for path in paths:
+    decode(path)
+  return len(paths) / (time.perf_counter() - start)
+
+
+def run(jpegs: list[bytes], workspace: str, *, sources, batch_size: int, repeats: int = 1,
+        **sizes) -> dict[str, list[float]]:
+  """{name: [images/s] * REPEATS} of train_batches on each of SOURCES, of PIL and of
+  decoding alone, timed in turns in one process."""
+  paths = write_image_folder(os.path.join(workspace, "images"), jpegs)
+  overrides = dict(train_scale_min=sizes["scale_min"], train_scale_max=sizes["scale_max"],
+                   crop_size=sizes["crop_size"], batch_size=batch_size,
+                   eval_scale=sizes["scale_min"])
+  configs = {}
+  for source in sources:
+    if source == "folder":
+      config = pipeline_config(f"folder:{workspace}/images", **overrides)
+    elif source == "array_record":
+      manual = os.path.join(workspace, "manual")
+      os.makedirs(manual, exist_ok=True)
+      write_imagenet_manual_dir(manual, jpegs)
+      config = pipeline_config("imagenet2012", data_dir=os.path.join(workspace, "tfds"),
+                               manual_dir=manual, **overrides)
+      ip.dataset_info(config)  # prepares it (not timed)
+    else:
+      raise ValueError(f"Unknown source {source!r}: use folder or array_record.")
+    configs[f"train_batches ({source})"] = config
+  rates = {name: [] for name in list(configs) + ["PIL + numpy", "decode_jpeg alone"]}
+  for _ in range(repeats):
+    for name, config in configs.items():
+      rates[name].append(train_batches_per_second(config, len(jpegs)))
+    rates["PIL + numpy"].append(pil_images_per_second(paths, **sizes))
+    rates["decode_jpeg alone"].append(decode_images_per_second(paths))
+  return rates
 
 
 def main(argv) -> None:
   del argv
-  photos = read_photos(FLAGS.images_dir)
-  jpegs = reencode(photos, FLAGS.num_images)
+  jpegs = reencode(read_photos(FLAGS.images_dir), FLAGS.num_images)
+  if FLAGS.write_folder:
+    write_image_folder(FLAGS.write_folder, jpegs)
+    print(f"Wrote {len(jpegs)} JPEGs to {FLAGS.write_folder}/train and "
+          f"{len(WNIDS)} to {FLAGS.write_folder}/val.")
+    return
   sizes = dict(scale_min=FLAGS.scale_min, scale_max=FLAGS.scale_max,
                crop_size=FLAGS.crop_size)
-  tf_rate = tf_images_per_second(jpegs, threads=FLAGS.threads, **sizes)
-  pil_rate = pil_images_per_second(jpegs, **sizes)
+  with tempfile.TemporaryDirectory() as workspace:
+    rates = run(jpegs, workspace, sources=FLAGS.sources, batch_size=FLAGS.images_per_batch,
+                repeats=FLAGS.repeats, **sizes)
+  cores = ip.usable_cores()
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
-  print(f"{len(photos)} ImageNet photos re-encoded as {len(jpegs)} JPEGs of "
-        f"{', '.join(f'{w}x{h}' for w, h in IMAGENET_SIZES)} ({mean_kb:.0f} KB on "
-        f"average); S in [{FLAGS.scale_min}, {FLAGS.scale_max}], crop {FLAGS.crop_size}.")
-  print(f"tf.data (decode + train_transform), {FLAGS.threads} thread(s): "
-        f"{tf_rate / FLAGS.threads:7.1f} images/s per core ({tf_rate:.1f} in all)")
-  print(f"PIL + numpy (the same transforms), 1 thread:     {pil_rate:7.1f} images/s per core")
+  print(f"{len(jpegs)} JPEGs of {', '.join(f'{w}x{h}' for w, h in IMAGENET_SIZES)} "
+        f"({mean_kb:.0f} KB on average); S in [{FLAGS.scale_min}, {FLAGS.scale_max}], "
+        f"crop {FLAGS.crop_size}; {cores} core(s) usable (pin with taskset); median of "
+        f"{FLAGS.repeats} timings in turns.")
+  # PIL and decode_jpeg run on one thread: their figures are per core however pinned.
+  per_core = {name: np.median(r) / (1 if name in ("PIL + numpy", "decode_jpeg alone")
+                                    else cores) for name, r in rates.items()}
+  for name, rate in per_core.items():
+    print(f"  {name:32s} {rate:7.1f} images/s per core   {rate / per_core['PIL + numpy']:4.2f}x "
+          f"PIL  (timings: {', '.join(f'{r:.0f}' for r in rates[name])})")
+  print(f"Host -> device bytes per training image: {FLAGS.crop_size ** 2 * 3:,} (uint8 "
+        f"crop) + 16 (label, colour shift); float32 would be "
+        f"{FLAGS.crop_size ** 2 * 3 * 4:,}.")
 
 
 if __name__ == "__main__":

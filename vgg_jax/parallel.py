@@ -16,8 +16,9 @@ hosts the mesh spans all devices and each host supplies its local entries.
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -70,6 +71,20 @@ class DeviceMapping:
         return x
       return jax.make_array_from_process_local_data(self.sharding, np.asarray(x))
     return jax.tree_util.tree_map(put, tree)
+
+  def prefetch(self, batches: Iterable[Any], size: int = 2) -> Iterator[Any]:
+    """BATCHES put on the devices SIZE ahead of the one handed out (0: none ahead).
+
+    The copies are dispatched asynchronously, so the next batches travel to the devices
+    while the step computes; the batches and their order are unchanged.
+    """
+    queue = collections.deque()
+    for batch in batches:
+      queue.append(self.shard(batch))
+      if len(queue) > size:
+        yield queue.popleft()
+    while queue:
+      yield queue.popleft()
 
   def replicate(self, tree: Any) -> Any:
     """One copy of every leaf per device (stacked on a new leading axis)."""

@@ -69,6 +69,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
   for field, least, optional in (("log_every_steps", 1, False),
                                  ("keep_checkpoints", 1, False),
+                                 ("prefetch_to_device", 0, False),
                                  ("eval_every_steps", 1, True),  # None: every epoch
                                  ("checkpoint_every_steps", 0, True)):  # 0: at evals
     value = config[field]
@@ -383,10 +384,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = mapping.replicate(host_state)
   replicated_dropout_rng = mapping.replicate(jax.random.key_data(dropout_rng))
+  # The batches arrive as uint8 crops: model_inputs makes them float on the device.
+  to_inputs = functools.partial(input_pipeline.model_inputs, mean=mean, std=std)
   p_train_step = mapping.map(
-      lambda s, b, r, lr: train_step(s, b, jax.random.wrap_key_data(r), lr),
+      lambda s, b, r, lr: train_step(s, to_inputs(b), jax.random.wrap_key_data(r), lr),
       donate_argnums=(0,))
-  p_eval_step = mapping.map(functools.partial(eval_step, apply_fn=model.apply))
+  p_eval_step = mapping.map(
+      lambda p, b: eval_step(p, to_inputs(b), apply_fn=model.apply))
   block_each_step = jax.default_backend() == "cpu"  # fake CPU devices can deadlock
 
   hooks = []
@@ -396,19 +400,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.profile:
       hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
 
-  train_batches = input_pipeline.train_batches(config, seed=config.seed, start_step=step,
-                                               workdir=workdir)
+  train_batches = mapping.prefetch(
+      input_pipeline.train_batches(config, seed=config.seed, start_step=step),
+      config.prefetch_to_device)
   logging.info("Training %s (%s parameters) for up to %d steps, %d per epoch.",
                model.config, f"{models.count_params(host_state.params):,}",
                schedule.total_steps, schedule.steps_per_epoch)
   train_metrics, interval_start, confusion = [], time.time(), None
+  data_wait = 0.0  # seconds of this logging interval spent waiting for a batch
   learning_rate = mapping.replicate(np.float32(schedule_state.learning_rate))
   try:
     while step < schedule.total_steps and not schedule_state.stopped:
-      batch = mapping.shard(next(train_batches))
+      wait_start = time.time()
+      batch = next(train_batches)
+      data_wait += time.time() - wait_start
       state, metrics = p_train_step(state, batch, replicated_dropout_rng, learning_rate)
-      if block_each_step:
-        jax.block_until_ready(metrics)
+      # One step queued behind the running one at most (none on CPU), so that the wait
+      # above is time the devices had nothing to do, not the host running ahead.
+      jax.block_until_ready(metrics if block_each_step or not train_metrics
+                            else train_metrics[-1])
       train_metrics.append(metrics)
       step += 1
       for hook in hooks:
@@ -416,18 +426,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if step % config.log_every_steps == 0 or step == schedule.total_steps:
         summary = summarize_train_metrics([mapping.unreplicate(m) for m in train_metrics])
-        summary["train_images_per_second"] = (
-            len(train_metrics) * config.batch_size / (time.time() - interval_start))
+        elapsed = time.time() - interval_start
+        summary["train_images_per_second"] = len(train_metrics) * config.batch_size / elapsed
+        # Near 0: the devices are the limit; near 1: the host's input pipeline is.
+        summary["train_data_wait_fraction"] = data_wait / elapsed
         writer.write_scalars(step, summary)
         check_finite(summary["train_loss"], "training loss", step, workdir, config)
-        train_metrics, interval_start = [], time.time()
+        train_metrics, interval_start, data_wait = [], time.time(), 0.0
 
       pause_start = time.time()
       is_eval = step % schedule.eval_every == 0 or step == schedule.total_steps
       if is_eval:
         last_eval, confusion = evaluate(
             p_eval_step, mapping, state.params,
-            input_pipeline.eval_batches(config, workdir=workdir))
+            input_pipeline.eval_batches(config))
         check_finite(last_eval["loss"], "validation loss", step, workdir, config)
         improved = 1 - last_eval["top1_error"] > best_saved
         best_saved = max(best_saved, 1 - last_eval["top1_error"])
@@ -449,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if confusion is None:  # a finished run started again: evaluate for the report
     last_eval, confusion = evaluate(p_eval_step, mapping, state.params,
-                                    input_pipeline.eval_batches(config, workdir=workdir))
+                                    input_pipeline.eval_batches(config))
   checkpointer.close()
   writer.flush()
   if config.final_eval_protocols:  # the paper's protocols (section 3.2) on the last net
