@@ -184,8 +184,7 @@ def test_evaluation_counts_every_example_once(mnist):
   model = train.create_model(config, 10)
   state = train.create_train_state(jax.random.key(0), config, model, (32, 32, 1))
   mean, std = input_pipeline.normalization(config)
-  p_eval = mapping.map(lambda p, b: train.eval_step(
-      p, input_pipeline.model_inputs(b, mean=mean, std=std), apply_fn=model.apply))
+  _, p_eval = train.map_steps(mapping, model, mean=mean, std=std)
   metrics, confusion = train.evaluate(p_eval, mapping, mapping.replicate(state.params),
                                       input_pipeline.eval_batches(config))
   assert metrics["examples"] == 72 and confusion.sum() == 72

@@ -10,7 +10,6 @@ warm-up. Printed: images per second, step time, and model-FLOP utilisation, coun
 On CPU, run it small: `--model=A --width=0.125 --image_size=64 --batch_size=16`.
 """
 
-import functools
 import time
 from typing import Sequence
 
@@ -20,7 +19,6 @@ import jax
 import numpy as np
 
 from configs import default
-from vgg_jax import input_pipeline
 from vgg_jax import parallel
 from vgg_jax import summary
 from vgg_jax import train
@@ -80,12 +78,9 @@ def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=
       image=rng.integers(0, 256, per_device + (image_size, image_size, 3), np.uint8),
       color_shift=rng.normal(size=per_device + (3,)).astype(np.float32),
       label=rng.integers(0, num_classes, size=per_device).astype(np.int32)))
-  to_inputs = functools.partial(input_pipeline.model_inputs,
-                                mean=transforms.IMAGENET_MEAN_RGB)
   dropout_rng = devices.replicate(jax.random.key_data(jax.random.key(1)))
   lr = devices.replicate(np.float32(config.learning_rate))
-  step = devices.map(lambda s, b, r, l: train.train_step(
-      s, to_inputs(b), jax.random.wrap_key_data(r), l), donate_argnums=(0,))
+  step, _ = train.map_steps(devices, net, mean=transforms.IMAGENET_MEAN_RGB)
   block_each_step = jax.default_backend() == "cpu"  # see train.py
   for _ in range(warmup):
     state, metrics = step(state, batch, dropout_rng, lr)

@@ -183,6 +183,23 @@ def eval_step(params: Any, batch: dict, *, apply_fn) -> dict:
   return jax.lax.psum(sums, AXIS)
 
 
+def map_steps(mapping: parallel.DeviceMapping, model: models.VGG, *, mean, std=None):
+  """(train step, eval step) mapped over the devices, taking the input pipeline's batches.
+
+  The batches arrive as uint8 crops: `input_pipeline.model_inputs` makes them the net's
+  float input on the device, inside the same compiled step. The train step is
+  (state, batch, dropout key data, learning rate) -> (state, metrics), its state
+  donated; the eval step (params, batch) -> summed metrics.
+  """
+  to_inputs = functools.partial(input_pipeline.model_inputs, mean=mean, std=std)
+  p_train_step = mapping.map(
+      lambda s, b, r, lr: train_step(s, to_inputs(b), jax.random.wrap_key_data(r), lr),
+      donate_argnums=(0,))
+  p_eval_step = mapping.map(
+      lambda p, b: eval_step(p, to_inputs(b), apply_fn=model.apply))
+  return p_train_step, p_eval_step
+
+
 # ---------------------------------------------------------------- host-side helpers
 
 
@@ -384,13 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = mapping.replicate(host_state)
   replicated_dropout_rng = mapping.replicate(jax.random.key_data(dropout_rng))
-  # The batches arrive as uint8 crops: model_inputs makes them float on the device.
-  to_inputs = functools.partial(input_pipeline.model_inputs, mean=mean, std=std)
-  p_train_step = mapping.map(
-      lambda s, b, r, lr: train_step(s, to_inputs(b), jax.random.wrap_key_data(r), lr),
-      donate_argnums=(0,))
-  p_eval_step = mapping.map(
-      lambda p, b: eval_step(p, to_inputs(b), apply_fn=model.apply))
+  p_train_step, p_eval_step = map_steps(mapping, model, mean=mean, std=std)
   block_each_step = jax.default_backend() == "cpu"  # fake CPU devices can deadlock
 
   hooks = []
