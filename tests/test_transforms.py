@@ -96,13 +96,6 @@ def test_plan_crop_positions_lie_inside_the_rescaled_image():
   assert tuple(size.numpy()) == (30, 15) and tuple(offset.numpy()) == (11, 3)
 
 
-def test_center_crop():
-  image = np.arange(10 * 13 * 1, dtype=np.float32).reshape(10, 13, 1)
-  crop = T.center_crop(tf.constant(image), 6).numpy()
-  np.testing.assert_array_equal(crop, image[2:8, 3:9])
-  np.testing.assert_array_equal(tfdata(lambda x: T.center_crop(x, 6), image), crop)
-
-
 def test_crop_of_pixels_is_a_window_of_the_rescaled_image():
   image = np.random.default_rng(4).integers(0, 256, (21, 14, 3), dtype=np.uint8)
   rescaled = T.rescale_smallest_side(tf.constant(image), 20).numpy()    # 30 x 20

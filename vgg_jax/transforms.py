@@ -81,14 +81,9 @@ def rescale_smallest_side(image: tf.Tensor, size) -> tf.Tensor:
   new_size = rescaled_size(shape[0], shape[1], size)
   image = tf.cast(image, tf.float32)
   # Antialiasing only changes a reduction (and is 4x slower): enlargements skip it.
-  return tf.cond(_is_reduction(shape[0], shape[1], size),
+  return tf.cond(tf.cast(size, tf.int32) < tf.minimum(shape[0], shape[1]),
                  lambda: tf.image.resize(image, new_size, "bilinear", antialias=True),
                  lambda: tf.image.resize(image, new_size, "bilinear", antialias=False))
-
-
-def _is_reduction(height, width, size) -> tf.Tensor:
-  return tf.cast(size, tf.int32) < tf.minimum(tf.cast(height, tf.int32),
-                                              tf.cast(width, tf.int32))
 
 
 def sample_scale(seed: tf.Tensor, scale_min: int, scale_max: int) -> tf.Tensor:
@@ -115,14 +110,6 @@ def plan_crop(height, width, scale, crop_size: int, seed: tf.Tensor | None = Non
   # As tf.image.stateless_random_crop draws its offset.
   draw = tf.random.stateless_uniform([2], seed, maxval=tf.int32.max, dtype=tf.int32)
   return size, draw % room
-
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central SIZE x SIZE crop (the image must be at least that large)."""
-  shape = tf.shape(image)
-  top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
-  return tf.ensure_shape(image[top:top + size, left:left + size],
-                         [size, size, image.shape[-1]])
 
 
 def rescaled_crop(item: tf.Tensor, *, scale, crop_size: int, channels: int,
