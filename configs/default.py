@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3     # the newest few; the best one is kept as well
   config.log_every_steps = 100
-  # At the end, the paper's test protocols (vgg_jax.evaluate.PROTOCOLS), e.g.
+  # At the end, the paper's test protocols (vgg_jax.protocols.PROTOCOLS), e.g.
   # "center_crop,dense,multi_crop,dense+multi_crop"; empty: none.
   config.final_eval_protocols = ""
   config.profile = False          # capture a profiler trace of a few steps

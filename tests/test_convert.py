@@ -388,7 +388,7 @@ def test_full_size_vgg16_shapes_without_allocating():
     sd_shapes[f"classifier.{i}.bias"] = (n_out,)
   state = {k: np.broadcast_to(np.float32(0), s) for k, s in sd_shapes.items()}
   params = convert.convert_torchvision(state, "D")
-  meta = convert.describe(params, "D")
+  meta = convert.converted_architecture(params, "D")
   assert (meta["crop_size"], meta["num_classes"], meta["fc_width"], meta["width"]) == \
       (224, 1000, 4096, 1.0)
   assert models.count_params(params) == 138_357_544

@@ -1,4 +1,4 @@
-"""Tests of vgg_jax.evaluate: the protocols of section 3.2 and the tables of section 4.
+"""Tests of vgg_jax.protocols and vgg_jax.evaluate: the protocols of section 3.2 and the tables of section 4.
 
 Tiny nets (width 1/16, fc_width 32, 32-pixel crops) over eight fake CPU devices: random
 nets for the machinery, on real ImageNet photos (the 20 that foolbox ships) too, and a
@@ -20,10 +20,12 @@ import pytest
 
 from vgg_jax import checkpointing
 from vgg_jax import convert
+from vgg_jax import datasets
 from vgg_jax import evaluate
 from vgg_jax import input_pipeline
+from vgg_jax import main
 from vgg_jax import models
-from vgg_jax import train
+from vgg_jax import protocols
 import test_train  # pylint: disable=g-bad-import-order  (tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +52,7 @@ def random_images(shape, seed=0):
 
 def net_of(config, model, params, path=""):
   config = evaluate._merged(config, {"num_classes": model.num_classes})
-  return evaluate.Net(model.config, path, config, model, params, {})
+  return evaluate.Net(model.net, path, config, model, params, {})
 
 
 # ------------------------------------------------------------ per-image protocols
@@ -58,7 +60,7 @@ def net_of(config, model, params, path=""):
 
 def test_crop_boxes_are_a_5x5_grid_that_covers_the_image():
   height, width, crop = 40, 57, 32
-  boxes = evaluate.crop_boxes(height, width, crop)
+  boxes = protocols.crop_boxes(height, width, crop)
   assert boxes.shape == (25, 2)
   tops, lefts = sorted(set(boxes[:, 0])), sorted(set(boxes[:, 1]))
   assert tops == [0, 2, 4, 6, 8] and len(lefts) == 5
@@ -69,19 +71,19 @@ def test_crop_boxes_are_a_5x5_grid_that_covers_the_image():
   for top, left in boxes:
     covered[top:top + crop, left:left + crop] = True
   assert covered.all()
-  np.testing.assert_array_equal(evaluate.crop_boxes(32, 32, 32), np.zeros((25, 2)))
+  np.testing.assert_array_equal(protocols.crop_boxes(32, 32, 32), np.zeros((25, 2)))
   with pytest.raises(ValueError, match="Q must be at least the crop size"):
-    evaluate.crop_boxes(31, 40, 32)
+    protocols.crop_boxes(31, 40, 32)
 
 
 def test_multi_crop_is_the_mean_of_its_50_crops_one_by_one():
   model, params = tiny_net()
   images = random_images((1, 40, 48, 1))
-  multi = jax.jit(functools.partial(evaluate.multi_crop_posteriors, model,
+  multi = jax.jit(functools.partial(protocols.multi_crop_posteriors, model,
                                     crop_size=32))(params, images)
   one = jax.jit(lambda x: jax.nn.softmax(model.apply({"params": params}, x[None]))[0])
   for i, image in enumerate(images):
-    crops = [image[t:t + 32, l:l + 32] for t, l in evaluate.crop_boxes(40, 48, 32)]
+    crops = [image[t:t + 32, l:l + 32] for t, l in protocols.crop_boxes(40, 48, 32)]
     crops += [c[:, ::-1] for c in crops]
     assert len(crops) == 50
     expected = np.mean([one(c) for c in crops], axis=0)
@@ -92,10 +94,10 @@ def test_multi_crop_is_the_mean_of_its_50_crops_one_by_one():
 def test_dense_with_flips_is_invariant_to_flipping_the_input():
   model, params = tiny_net()
   images = random_images((2, 40, 72, 1), seed=1)
-  dense = jax.jit(functools.partial(evaluate.dense_posteriors, model))
+  dense = jax.jit(functools.partial(protocols.dense_posteriors, model))
   original, flipped = dense(params, images), dense(params, images[:, :, ::-1])
   np.testing.assert_allclose(original, flipped, rtol=1e-6, atol=1e-7)
-  one_way = jax.jit(functools.partial(evaluate.dense_posteriors, model, flip=False))(
+  one_way = jax.jit(functools.partial(protocols.dense_posteriors, model, flip=False))(
       params, images)
   assert not np.allclose(one_way, original, atol=1e-4)  # the flip does matter
 
@@ -104,23 +106,23 @@ def test_dense_at_the_crop_size_is_the_centre_crop():
   model, params = tiny_net()
   images = random_images((3, 32, 32, 1), seed=2)
   for flip in (False, True):
-    dense = functools.partial(evaluate.dense_posteriors, model, flip=flip)
-    centre = functools.partial(evaluate.center_crop_posteriors, model, flip=flip)
+    dense = functools.partial(protocols.dense_posteriors, model, flip=flip)
+    centre = functools.partial(protocols.center_crop_posteriors, model, flip=flip)
     np.testing.assert_allclose(jax.jit(dense)(params, images),
                                jax.jit(centre)(params, images), rtol=1e-5, atol=1e-6)
 
 
 def test_combinations_average_posteriors():
   labels, seen = np.array([0, 0]), np.array([True, True])  # the second one wrong
-  a = evaluate.Posteriors(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), labels, seen, 1)
-  b = evaluate.Posteriors(np.array([[0.3, 0.7], [0.6, 0.4]], np.float32), labels, seen, 2)
-  for combined in (evaluate.multi_scale([a, b]), evaluate.dense_and_multi_crop(a, b),
-                   evaluate.ensemble([a, b])):
+  a = protocols.Posteriors(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), labels, seen, 1)
+  b = protocols.Posteriors(np.array([[0.3, 0.7], [0.6, 0.4]], np.float32), labels, seen, 2)
+  for combined in (protocols.multi_scale([a, b]), protocols.average([a, b]),
+                   protocols.ensemble([a, b])):
     np.testing.assert_allclose(combined.probs, [[0.6, 0.4], [0.4, 0.6]])
     assert combined.seconds == 3
-  assert evaluate.errors(evaluate.ensemble([a, b])) == dict(top1_error=0.5,
+  assert protocols.errors(protocols.ensemble([a, b])) == dict(top1_error=0.5,
                                                            top5_error=0.0, images=2)
-  self_ensemble = evaluate.ensemble([a, a])
+  self_ensemble = protocols.ensemble([a, a])
   np.testing.assert_array_equal(self_ensemble.probs, a.probs)
 
 
@@ -159,8 +161,8 @@ def test_every_image_is_evaluated_once_in_its_own_slot(shapes_folder):
   assert len(examples) == 13 and sorted(set(shapes)) == [(32, 32, 1), (32, 46, 1)]
   assert shapes.count((32, 32, 1)) == 9  # 8 + 1 and 4 per batch of 8
   for pass_name, per_image in (
-      ("dense", jax.jit(lambda x: evaluate.dense_posteriors(model, params, x))),
-      ("multi_crop", jax.jit(lambda x: evaluate.multi_crop_posteriors(
+      ("dense", jax.jit(lambda x: protocols.dense_posteriors(model, params, x))),
+      ("multi_crop", jax.jit(lambda x: protocols.multi_crop_posteriors(
           model, params, x, crop_size=32)))):
     result = evaluator.posteriors(pass_name, 32)
     assert result.seen.all() and len(result.seen) == 13
@@ -187,9 +189,9 @@ def test_a_converted_net_gets_its_input_convention(tmp_path):
     checkpointing.save_params(str(tmp_path / name), params,
                               dict(meta, input_convention=convention))
   net = evaluate.load_net(config, str(tmp_path / "tv"))  # its own net: A, from the meta
-  assert (net.model.config, net.model.num_classes, net.config.crop_size) == ("A", 5, 32)
+  assert (net.model.net, net.model.num_classes, net.config.crop_size) == ("A", 5, 32)
   assert net.config.normalize_std  # the pipeline's std: ImageNet's, torchvision's
-  np.testing.assert_allclose(input_pipeline.mean_values(net.config.mean_rgb),
+  np.testing.assert_allclose(datasets.mean_values(net.config.mean_rgb),
                              (123.675, 116.28, 103.53))
   with pytest.raises(ValueError, match="convention 'keras_caffe' is BGR"):
     evaluate.load_net(config, str(tmp_path / "keras"))
@@ -211,7 +213,7 @@ def trained(tmp_path_factory):
                                   train_scale_min=32, train_scale_max=40, num_epochs=1,
                                   checkpoint_every_steps=100, log_every_steps=100)
   workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(config.copy_and_resolve_references(), workdir)
+  main.run(config.copy_and_resolve_references(), workdir)
   return config, workdir
 
 
@@ -219,7 +221,7 @@ def test_trained_run_every_protocol_gives_a_table(trained, tmp_path):
   config, workdir = trained
   rows = evaluate.evaluate_run(config, workdir)
   assert [(r["protocol"], r["scales"]) for r in rows] == [
-      (p, s) for p in evaluate.PROTOCOLS for s in ([32], [36], [40], [32, 36, 40])]
+      (p, s) for p in protocols.PROTOCOLS for s in ([32], [36], [40], [32, 36, 40])]
   assert all(r["images"] == 36 and r["seconds"] > 0 for r in rows)
   assert all(0 <= r["top5_error"] <= r["top1_error"] <= 1 for r in rows)
   with open(os.path.join(workdir, "final_eval.json")) as f:
@@ -238,9 +240,9 @@ def test_trained_run_every_protocol_gives_a_table(trained, tmp_path):
 def test_a_net_is_fed_the_normalisation_it_was_trained_with(trained, shapes_folder):
   """mean_rgb="compute" means the training data's statistics, also on other data."""
   config, workdir = trained
-  own = input_pipeline.normalization(config, workdir=workdir)
+  own = datasets.normalization(config, workdir=workdir)
   elsewhere = shapes_config(shapes_folder, mean_rgb="compute", normalize_std=True)
-  assert input_pipeline.normalization(elsewhere) != own
+  assert datasets.normalization(elsewhere) != own
   net = evaluate.load_net(elsewhere, workdir)
   assert net.mean_std == own
   image = next(evaluate.Evaluator(net)._examples("center_crop", 32, "val", None)
@@ -259,7 +261,7 @@ def test_dense_pass_at_the_crop_size_equals_the_centre_crops(trained):
                                             workdir=workdir).as_numpy_iterator())
   images = np.stack([e["image"] for e in crops])
   index = np.array([e["index"] for e in crops])
-  expected = jax.jit(functools.partial(evaluate.center_crop_posteriors, net.model,
+  expected = jax.jit(functools.partial(protocols.center_crop_posteriors, net.model,
                                        flip=True))(net.params, images)
   np.testing.assert_allclose(dense.probs[index], expected, rtol=1e-4, atol=1e-6)
 

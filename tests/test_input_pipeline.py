@@ -1,4 +1,4 @@
-"""Tests of vgg_jax.input_pipeline: transforms, sources, determinism, robustness.
+"""Tests of vgg_jax.input_pipeline and vgg_jax.datasets: sources, determinism, robustness.
 
 Transforms run both eagerly and inside tf.data (they can differ); sources are real code
 paths on tiny data made here: TFDS under mock_data, imagenet2012 prepared offline from a
@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
+from vgg_jax import datasets
 from vgg_jax import fashion_mnist
 from vgg_jax import input_pipeline as ip
 from vgg_jax import input_pipeline_benchmark as benchmark
@@ -74,8 +75,8 @@ def mnist(tmp_path):
 
 
 def test_tfds_by_name(mnist):
-  info = ip.dataset_info(mnist)
-  assert info == ip.DatasetInfo(10, 40, 40, (16, 16, 3), tuple(str(i) for i in range(10)))
+  info = datasets.dataset_info(mnist)
+  assert info == datasets.DatasetInfo(10, 40, 40, tuple(str(i) for i in range(10)))
   batch = next(ip.train_batches(mnist, seed=0))
   devices = jax.local_device_count()
   assert batch["image"].shape == (devices, 8 // devices, 16, 16, 3)
@@ -101,7 +102,7 @@ def test_gray_dataset_with_one_channel_and_computed_mean(mnist, tmp_path):
   mnist.channels, mnist.mean_rgb, mnist.color_shift_std = 1, "compute", 0.1
   workdir = str(tmp_path / "work")
   os.makedirs(workdir)
-  mean, std = ip.normalization(mnist, workdir=workdir)
+  mean, std = datasets.normalization(mnist, workdir=workdir)
   with tfds.testing.mock_data(num_examples=40):
     images = np.stack([x["image"] for x in tfds.builder("mnist").as_dataset(
         split="train").as_numpy_iterator()])
@@ -114,18 +115,18 @@ def test_gray_dataset_with_one_channel_and_computed_mean(mnist, tmp_path):
 
 def test_imagenet_mean_and_std_constants(mnist):
   mnist.normalize_std = True
-  mean, std = ip.normalization(mnist)
+  mean, std = datasets.normalization(mnist)
   assert mean == transforms.IMAGENET_MEAN_RGB and std == transforms.IMAGENET_STD_RGB
 
 
 def test_gray_input_takes_an_rgb_mean_as_its_luma(mnist):
   mnist.channels, mnist.mean_rgb = 1, "123.68,116.78,103.94"
-  ip.dataset_info(mnist)  # accepted
-  mean, _ = ip.normalization(mnist)
+  ip.check_data_fields(mnist)  # accepted
+  mean, _ = datasets.normalization(mnist)
   np.testing.assert_allclose(mean, [np.dot(transforms.GRAY_WEIGHTS, (123.68, 116.78, 103.94))])
   mnist.mean_rgb = "1,2"
   with pytest.raises(ValueError, match=r"needs 3 values \(or 1 with channels=1\)"):
-    ip.dataset_info(mnist)
+    ip.check_data_fields(mnist)
 
 
 # ----------------------------------------------------------------------- determinism
@@ -226,7 +227,7 @@ def imagenet(tmp_path_factory, request):
                      manual_dir=str(manual)))
   config = small_config(dataset="imagenet2012", data_dir=str(root / "tfds"),
                         manual_dir=str(manual), batch_size=8)
-  info = ip.dataset_info(config)            # prepares it
+  info = datasets.dataset_info(config)            # prepares it
   return config, info
 
 
@@ -235,7 +236,7 @@ def test_imagenet_prepares_offline_from_a_manual_dir(imagenet):
   assert (info.num_classes, info.num_train, info.num_eval) == (1000, 15, 10)
   stored = tfds.builder("imagenet2012", data_dir=config.data_dir).info.file_format
   expected = "record" if stored == tfds.core.FileFormat.ARRAY_RECORD else "stream"
-  assert ip._source(config).split_data("train").kind == expected
+  assert datasets.dataset_source(config).split_data("train").kind == expected
   batch = global_batch(next(ip.train_batches(config, seed=0)))
   assert batch["image"].shape == (8, 8, 8, 3)
   assert set(batch["label"]) <= {0, 1, 2, 3, 4}
@@ -271,7 +272,7 @@ def test_imagenet_truncated_jpeg_is_skipped_and_counted(imagenet):
 
 def spy_on_record_reads(monkeypatch):
   """[(split, indices read)], one entry per call of the by-index reader."""
-  reads, real = [], ip._record_reader
+  reads, real = [], datasets._record_reader
 
   def spying(builder, split, image_key, label_key):
     records = real(builder, split, image_key, label_key)
@@ -284,8 +285,8 @@ def spy_on_record_reads(monkeypatch):
                                 indices.shape)
       return records(indices)
     return spied
-  monkeypatch.setattr(ip, "_record_reader", spying)
-  ip._cached_source.cache_clear()
+  monkeypatch.setattr(datasets, "_record_reader", spying)
+  datasets._cached_source.cache_clear()
   return reads
 
 
@@ -305,7 +306,7 @@ def test_each_process_reads_only_its_examples_by_index(imagenet, monkeypatch):
   refilled from the batch's share that the process holds.)"""
   config = imagenet[0].copy_and_resolve_references()
   config.update(dict(batch_size=4, cache=False))      # 3 steps per epoch of 15
-  if ip._source(config).split_data("train").kind != "record":
+  if datasets.dataset_source(config).split_data("train").kind != "record":
     pytest.skip("a TFRecord dataset is streamed")
   monkeypatch.setattr(jax, "local_device_count", lambda: 2)
   reads = spy_on_record_reads(monkeypatch)
@@ -321,7 +322,7 @@ def test_each_process_reads_only_its_examples_by_index(imagenet, monkeypatch):
   for process in range(2):
     monkeypatch.setattr(jax, "process_index", lambda p=process: p)
     reads.clear()
-    ip._cached_source.cache_clear()
+    datasets._cached_source.cache_clear()
     parts.append(batches_and_skips(ip.train_batches(config, seed=1), 6))
     epoch_reads.append(set(reads[0][1]))
   assert all(len(r) == 6 for r in epoch_reads)       # 3 steps x 2 examples each
@@ -335,17 +336,17 @@ def test_each_process_reads_only_its_examples_by_index(imagenet, monkeypatch):
     for key in ("image", "label", "color_shift"):
       np.testing.assert_array_equal(np.concatenate([part_0[key], part_1[key]]), batch[key])
   assert compared >= 3
-  ip._cached_source.cache_clear()
+  datasets._cached_source.cache_clear()
 
 
 def test_missing_imagenet_files_name_the_files_and_the_command(tmp_path):
   config = small_config(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
                         manual_dir=str(tmp_path / "tars"))
   with pytest.raises(FileNotFoundError) as error:
-    ip.dataset_info(config)
+    datasets.dataset_info(config)
   message = str(error.value)
   for text in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", str(tmp_path / "tars"),
-               "python -m vgg_jax.input_pipeline --dataset=imagenet2012 "
+               "python -m vgg_jax.datasets --dataset=imagenet2012 "
                f"--data_dir={tmp_path / 'tfds'} --manual_dir={tmp_path / 'tars'}"):
     assert text in message
 
@@ -372,8 +373,8 @@ def folder(tmp_path):
 
 
 def test_image_folder(folder):
-  info = ip.dataset_info(folder)
-  assert info == ip.DatasetInfo(2, 11, 7, (8, 8, 3), ("cat", "dog"))
+  info = datasets.dataset_info(folder)
+  assert info == datasets.DatasetInfo(2, 11, 7, ("cat", "dog"))
   batches = ip.train_batches(folder, seed=0)
   for _ in range(4):
     batch = global_batch(next(batches))
@@ -397,7 +398,9 @@ def test_corrupt_image_is_skipped_and_counted(folder):
 
 
 def test_dense_eval_buckets_by_shape_and_counts_every_image_once(folder):
-  batches = list(ip.dense_eval_batches(folder, scale=10, batch_size=2))
+  batches = [{k: v[b["valid"]] for k, v in b.items()} for b in
+             ip.bucket_by_shape(ip.eval_examples(folder, scale=10), 2).as_numpy_iterator()
+             if b["valid"].any()]
   indices = np.concatenate([b["index"] for b in batches])
   assert sorted(indices) == [0, 1, 2, 3, 4, 5]      # 6 good val images, broken one dropped
   shapes = {b["image"].shape[1:] for b in batches}
@@ -424,7 +427,7 @@ def test_eval_examples_per_process_shards_are_disjoint(folder, monkeypatch):
 
 def test_folder_mean_is_computed_and_cached_beside_the_data(folder):
   folder.mean_rgb, folder.train_split = "compute", "val"
-  mean, _ = ip.normalization(folder)
+  mean, _ = datasets.normalization(folder)
   root = folder.dataset[len("folder:"):]
   pixels = np.concatenate([
       tf.io.decode_jpeg(tf.io.read_file(os.path.join(root, "val", c, f"{i}.jpg")))
@@ -445,8 +448,10 @@ def test_folder_mean_is_computed_and_cached_beside_the_data(folder):
     (dict(mean_rgb="cifar"), "use 'imagenet', 'compute' or numbers"),
 ])
 def test_bad_config_errors_name_the_problem(overrides, match):
+  config = small_config(**overrides)
   with pytest.raises((ValueError, FileNotFoundError), match=match):
-    ip.dataset_info(small_config(**overrides))
+    ip.check_data_fields(config)
+    datasets.dataset_info(config)
 
 
 # ------------------------------------------------------------- Fashion-MNIST, local
@@ -470,7 +475,7 @@ def test_local_fashion_mnist_builder(tmp_path):
   config = small_config(dataset="fashion_mnist_local", data_dir=data_dir,
                         eval_split="test", crop_size=32, train_scale_min=32,
                         train_scale_max=40, eval_scale=32, batch_size=16)
-  assert ip.dataset_info(config).num_train == 64
+  assert datasets.dataset_info(config).num_train == 64
   for channels in (3, 1):
     config.channels = channels
     batch = next(ip.train_batches(config, seed=0))
@@ -502,4 +507,4 @@ def test_benchmark_reads_a_wheel_and_times_the_real_pipeline(tmp_path):
   assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
   # The ArrayRecord copy is the real ImageNet path: read by index.
   config = benchmark.pipeline_config("imagenet2012", data_dir=str(tmp_path / "work/tfds"))
-  assert ip._source(config).split_data("train").kind == "record"
+  assert datasets.dataset_source(config).split_data("train").kind == "record"

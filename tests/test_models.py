@@ -66,7 +66,7 @@ def test_parameter_counts_match_table_2(name):
 @pytest.mark.parametrize("alias", sorted(ALIASES))
 def test_aliases_resolve(alias):
   model = models.create_model(alias)
-  assert model.config == ALIASES[alias]
+  assert model.net == ALIASES[alias]
   assert models.canonical_name(alias.upper()) == ALIASES[alias]
   assert models.layer_specs(alias) == models.layer_specs(ALIASES[alias])
 
@@ -158,22 +158,22 @@ def fc_head(params, window):
   return x
 
 
-def test_dense_scores_at_training_size_equal_logits():
+def test_dense_application_at_training_size_equal_logits():
   model, variables = tiny_variables()
   images = images_of(64)
   logits = model.apply(variables, images, train=False)
-  scores = models.dense_scores(model, variables["params"], images)
+  scores = model.apply({"params": variables["params"]}, images, train=False, dense=True)
   assert scores.shape == (2, 1, 1, 10)
   scale = float(np.abs(logits).max())
   assert scale > 0.1  # "he" init: logits far from zero, so the tolerance means something.
   np.testing.assert_allclose(scores[:, 0, 0], logits, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_dense_scores_on_larger_image_slide_the_head_over_conv_features():
+def test_dense_application_on_larger_image_slide_the_head_over_conv_features():
   model, variables = tiny_variables()  # trained on 64 px: fc6 is a 2x2 window of features
   params = variables["params"]
   big = images_of(128, seed=5)
-  scores = np.asarray(models.dense_scores(model, params, big))
+  scores = np.asarray(model.apply({"params": params}, big, train=False, dense=True))
   assert scores.shape == (2, 3, 3, 10)  # features 4x4, window 2x2 -> 3x3 positions
 
   dense, state = model.apply(variables, big, train=False, dense=True,
@@ -188,12 +188,13 @@ def test_dense_scores_on_larger_image_slide_the_head_over_conv_features():
       np.testing.assert_allclose(scores[:, i, j], expected, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_dense_scores_differ_from_crop_logits():
+def test_dense_application_differ_from_crop_logits():
   """Section 3.2: a dense position sees the real image around the window where a crop
   sees zero padding, which is why dense and multi-crop evaluation are complementary."""
   model, variables = tiny_variables()
   big = images_of(128, seed=5)
-  scores = np.asarray(models.dense_scores(model, variables["params"], big))
+  scores = np.asarray(model.apply({"params": variables["params"]}, big, train=False,
+                                   dense=True))
   scale = np.abs(scores).max()
   for i, j in ((0, 0), (1, 1), (2, 2)):
     crop = big[:, 32 * i:32 * i + 64, 32 * j:32 * j + 64, :]  # the window's own pixels
@@ -204,7 +205,7 @@ def test_dense_scores_differ_from_crop_logits():
 def test_dense_evaluation_rejects_images_smaller_than_training_crop():
   model, variables = tiny_variables()
   with pytest.raises(ValueError, match=r"at least\s+as large as the training crop"):
-    models.dense_scores(model, variables["params"], images_of(32))
+    model.apply({"params": variables["params"]}, images_of(32), train=False, dense=True)
 
 
 # ---------------------------------------------------------------- LRN (net A-LRN)

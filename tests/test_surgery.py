@@ -20,6 +20,7 @@ from configs import vgg16_from_a
 from configs import vgg16_jittered
 from configs import vgg16_s384
 from vgg_jax import checkpointing
+from vgg_jax import models
 from vgg_jax import surgery
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +44,10 @@ def train_module():
 
 def run_init(config, seed=None):
   """The fresh parameters of a training run: exactly what train.train_and_evaluate
-  draws (key(seed) split into init and dropout keys, create_train_state)."""
+  draws (the seed's initialisation key, create_train_state)."""
   train = train_module()
-  seed = config.seed if seed is None else seed
-  init_rng, _ = jax.random.split(jax.random.key(seed))
-  model = train.create_model(config, config.num_classes)
-  shape = (config.crop_size, config.crop_size, config.channels)
-  return train.create_train_state(init_rng, config, model, shape).params
+  init_key, _ = models.seed_keys(config.seed if seed is None else seed)
+  return train.create_train_state(init_key, config, models.from_config(config)).params
 
 
 def shapes(params):
@@ -58,10 +56,7 @@ def shapes(params):
 
 def abstract(config):
   """Parameter shapes of a config's net (no allocation), as zeros."""
-  model = surgery.create_model(config, config.num_classes)
-  images = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), np.float32)
-  tree = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.key(0),
-                        images)["params"]
+  tree = models.param_shapes(models.from_config(config), models.input_shape(config))
   return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree)
 
 

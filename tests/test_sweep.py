@@ -130,6 +130,8 @@ def count_train_calls(monkeypatch):
     (dict(group="typo", learning_rat=0.1), "learning_rat"),
     (dict(group="type", model=3), "model"),
     (dict(group="value", filter_size=4), "filter_size"),
+    (dict(group="data", crop_size=64, train_scale_min=48),  # (data fields, checked too)
+     "S must be at least the crop size"),
 ])
 def test_a_bad_override_raises_before_any_trial_starts(trial, message, tmp_path,
                                                        monkeypatch):

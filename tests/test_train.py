@@ -1,6 +1,7 @@
 """The training loop end to end: real data, checkpoints, exact resume, bad input.
 
-Runs `train.train_and_evaluate` on tiny nets over eight fake CPU devices.
+Runs `train.train_and_evaluate` (and `main.run`, training then the final evaluation and
+report) on tiny nets over eight fake CPU devices.
 """
 
 import gzip
@@ -17,7 +18,11 @@ import pytest
 
 from configs import default
 from vgg_jax import checkpointing
+from vgg_jax import datasets
+from vgg_jax import evaluate
 from vgg_jax import input_pipeline
+from vgg_jax import main
+from vgg_jax import models
 from vgg_jax import train
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -69,7 +74,7 @@ def test_tiny_run_on_real_images_end_to_end(fashion_folder, tmp_path):
                        width=1 / 8, fc_width=64, batch_size=32,
                        log_every_steps=5, checkpoint_every_steps=10, dropout_rate=0.0,
                        learning_rate=0.02, num_epochs=3, final_eval_protocols="dense")
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = main.run(config, str(tmp_path))
   records = read_jsonl(tmp_path / "metrics.jsonl")
   losses = [r["train_loss"] for r in records if "train_loss" in r]
   assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
@@ -181,12 +186,12 @@ def test_evaluation_counts_every_example_once(mnist):
   config.batch_size = 32  # 72 test examples: the last batch is padded
   from vgg_jax import parallel  # pylint: disable=g-import-not-at-top
   mapping = parallel.DeviceMapping("pmap")
-  model = train.create_model(config, 10)
-  state = train.create_train_state(jax.random.key(0), config, model, (32, 32, 1))
-  mean, std = input_pipeline.normalization(config)
+  model = models.from_config(config, 10)
+  state = train.create_train_state(jax.random.key(0), config, model)
+  mean, std = datasets.normalization(config)
   _, p_eval = train.map_steps(mapping, model, mean=mean, std=std)
-  metrics, confusion = train.evaluate(p_eval, mapping, mapping.replicate(state.params),
-                                      input_pipeline.eval_batches(config))
+  metrics, confusion = train.validation_metrics(
+      p_eval, mapping, mapping.replicate(state.params), input_pipeline.eval_batches(config))
   assert metrics["examples"] == 72 and confusion.sum() == 72
   # The same numbers one example at a time, on the host.
   images, labels = [], []
@@ -228,12 +233,12 @@ def test_the_best_checkpoint_is_the_best_evaluation(mnist, tmp_path, monkeypatch
   """Gains smaller than the plateau's threshold don't reset its patience, but they do
   make a better checkpoint; a lower accuracy never replaces the best one."""
   accuracies = iter([0.5, 0.5009, 0.5005, 0.4])  # evaluations at steps 2, 4, 6, 8
-  real_evaluate = train.evaluate
+  real_evaluate = train.validation_metrics
 
   def scripted(*args):
     metrics, confusion = real_evaluate(*args)
     return dict(metrics, top1_error=1 - next(accuracies)), confusion
-  monkeypatch.setattr(train, "evaluate", scripted)
+  monkeypatch.setattr(train, "validation_metrics", scripted)
   config = mnist
   config.update(dict(num_epochs=2, eval_every_steps=2))
   config.plateau.patience = 10
@@ -242,7 +247,7 @@ def test_the_best_checkpoint_is_the_best_evaluation(mnist, tmp_path, monkeypatch
   assert best["step"] == 4 and best["eval"]["top1_error"] == pytest.approx(1 - 0.5009)
   _, latest = checkpointing.load(str(tmp_path))
   assert latest["best_accuracy"] == pytest.approx(0.5009)
-  mean, std = input_pipeline.normalization(config)  # what evaluation will feed it
+  mean, std = datasets.normalization(config)  # what evaluation will feed it
   assert latest["normalization"] == dict(mean=list(mean), std=list(std))
 
 
@@ -265,9 +270,9 @@ def test_saving_a_step_again_keeps_its_checkpoints(tmp_path):
 def test_a_workdir_resumes_under_another_name_of_its_net(tmp_path):
   config = tiny_config(model="vgg11")
   checkpointing.write_config(str(tmp_path), config.to_json())
-  train.check_workdir(str(tmp_path), tiny_config(model="A"))  # the same net
+  checkpointing.check_workdir(str(tmp_path), tiny_config(model="A"))  # the same net
   with pytest.raises(ValueError, match="model: 'vgg11' in the workdir, 'B' now"):
-    train.check_workdir(str(tmp_path), tiny_config(model="B"))
+    checkpointing.check_workdir(str(tmp_path), tiny_config(model="B"))
 
 
 def run_main(*args):
@@ -379,3 +384,42 @@ def test_the_demo_at_reduced_length(tmp_path):
   records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
   assert max(r["step"] for r in records) == 47
   assert (tmp_path / "run" / "confusion_matrix.png").exists()
+
+
+OLD_RUN = os.path.join(REPO, "tests", "data", "run_written_before_the_refactor")
+
+
+def old_run_config(images):
+  """The config of OLD_RUN, a run of net A (width 1/32) on `write_random_image_folder`'s
+  images, made with the code of before the package's refactor (December 2026) and
+  stopped after step 4 of 8 (its checkpoints: step 4, and the best, step 2)."""
+  return tiny_config(dataset=f"folder:{images}", eval_split="test", width=1 / 32,
+                     fc_width=16, mean_rgb="imagenet", normalize_std=True,
+                     train_scale_max=32, eval_every_steps=2, checkpoint_every_steps=3,
+                     num_epochs=2)
+
+
+def test_a_workdir_written_before_the_refactor_resumes_and_evaluates(tmp_path):
+  """The workdir layout (config.json, checkpoint items and meta) did not change: an
+  old run resumes where it stopped, to the parameters of a run made today in one go,
+  and evaluates."""
+  images = write_random_image_folder(str(tmp_path / "images"),
+                                     (("train", 72), ("test", 72)), 10)
+  config = old_run_config(images)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(OLD_RUN, resumed)
+  result = main.run(config.copy_and_resolve_references(), resumed)
+  assert result["step"] == 8
+  before = len(read_jsonl(os.path.join(OLD_RUN, "metrics.jsonl")))
+  records = read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+  assert min(r["step"] for r in records[before:]) > 4  # on from step 4, not from 0
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config.copy_and_resolve_references(), straight)
+  # (Tolerance, not equality: the first 4 steps ran on another CPU, whose float
+  # rounding may differ.)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      checkpointing.load(straight)[0], checkpointing.load(resumed)[0])
+  rows = evaluate.evaluate_run(config, resumed, protocols="center_crop,dense",
+                               scales=[32])
+  assert [r["images"] for r in rows] == [72, 72]

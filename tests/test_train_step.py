@@ -1,4 +1,5 @@
-"""The train step, its device mappings, the plateau controller and config validation."""
+"""The train step, its device mappings, the metrics, the plateau controller and config
+validation."""
 
 import dataclasses
 
@@ -8,6 +9,9 @@ import numpy as np
 import pytest
 
 from configs import default
+from vgg_jax import config_checks
+from vgg_jax import metrics as metrics_lib
+from vgg_jax import models
 from vgg_jax import parallel
 from vgg_jax import plateau
 from vgg_jax import train
@@ -38,8 +42,8 @@ def global_batches(num_steps, batch_size, seed=0):
 
 def run_steps(config, mapping, num_steps=4):
   """Trains `num_steps` steps on fixed global batches; returns host params, metrics."""
-  model = train.create_model(config, num_classes=10)
-  host_state = train.create_train_state(jax.random.key(0), config, model, (32, 32, 1))
+  model = models.from_config(config, 10)
+  host_state = train.create_train_state(jax.random.key(0), config, model)
   state = mapping.replicate(host_state)
   rng = mapping.replicate(jax.random.key_data(jax.random.key(1)))
   lr = mapping.replicate(np.float32(config.learning_rate))
@@ -66,8 +70,8 @@ def test_eight_devices_equal_one_device():
   assert_trees_close(one, eight, rtol=2e-4, atol=2e-6)
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   # And the parameters moved: the comparison is not between two untouched inits.
-  model = train.create_model(config, 10)
-  init = train.create_train_state(jax.random.key(0), config, model, (32, 32, 1)).params
+  model = models.from_config(config, 10)
+  init = train.create_train_state(jax.random.key(0), config, model).params
   assert np.abs(init["fc8"]["kernel"] - eight["fc8"]["kernel"]).max() > 1e-3
 
 
@@ -81,9 +85,9 @@ def test_pmap_and_shard_map_give_the_same_result():
 def test_loss_falls_on_a_repeated_batch():
   config = tiny_config(batch_size=8)
   mapping = parallel.DeviceMapping("pmap", jax.local_devices()[:2])
-  model = train.create_model(config, num_classes=10)
+  model = models.from_config(config, 10)
   state = mapping.replicate(
-      train.create_train_state(jax.random.key(0), config, model, (32, 32, 1)))
+      train.create_train_state(jax.random.key(0), config, model))
   rng = mapping.replicate(jax.random.key_data(jax.random.key(1)))
   lr = mapping.replicate(np.float32(0.01))
   step = mapping.map(lambda s, b, r, l: train.train_step(s, b, jax.random.wrap_key_data(r),
@@ -112,8 +116,8 @@ def test_top_k():
   logits = jnp.array([[0.1, 0.5, 0.2, 0.9, 0.0, 0.3]])
   for label, top1, top5 in [(3, 1, 1), (1, 0, 1), (4, 0, 0)]:
     labels = jnp.array([label])
-    assert float(train.correct_top_k(logits, labels, 1)[0]) == top1
-    assert float(train.correct_top_k(logits, labels, 5)[0]) == top5
+    assert float(metrics_lib.correct_top_k(logits, labels, 1)[0]) == top1
+    assert float(metrics_lib.correct_top_k(logits, labels, 5)[0]) == top5
 
 
 def test_a_diverged_net_is_never_right():
@@ -121,7 +125,7 @@ def test_a_diverged_net_is_never_right():
   logits = jnp.array([[jnp.nan] * 6, [0.1, 0.9, 0.0, 0.2, 0.3, 0.4]])
   labels = jnp.array([0, 1])
   for k in (1, 5):
-    np.testing.assert_array_equal(train.correct_top_k(logits, labels, k), [0.0, 1.0])
+    np.testing.assert_array_equal(metrics_lib.correct_top_k(logits, labels, k), [0.0, 1.0])
 
 
 # ------------------------------------------------------------------ plateau controller
@@ -178,7 +182,7 @@ def test_plateau_state_round_trips_through_json():
 ])
 def test_bad_learning_rate(field, value, message):
   with pytest.raises(ValueError, match=message):
-    train.validate_config(tiny_config(**{field: value}))
+    config_checks.validate_config(tiny_config(**{field: value}))
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -190,7 +194,7 @@ def test_bad_plateau_fields(field, value, message):
   config = tiny_config()
   config.plateau[field] = value
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    config_checks.validate_config(config)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -203,19 +207,19 @@ def test_bad_plateau_fields(field, value, message):
 ])
 def test_bad_loop_fields(field, value, message):
   with pytest.raises(ValueError, match=message):
-    train.validate_config(tiny_config(**{field: value}))
+    config_checks.validate_config(tiny_config(**{field: value}))
 
 
 def test_batch_not_divisible_by_devices():
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    train.validate_config(tiny_config(batch_size=12))
+    config_checks.validate_config(tiny_config(batch_size=12))
 
 
 def test_unknown_mapping_and_model():
   with pytest.raises(ValueError, match="Unknown device mapping"):
-    train.validate_config(tiny_config(mapping="vmap"))
+    config_checks.validate_config(tiny_config(mapping="vmap"))
   with pytest.raises(ValueError, match="Unknown VGG configuration 'F'"):
-    train.validate_config(tiny_config(model="F"))
+    config_checks.validate_config(tiny_config(model="F"))
 
 
 def test_schedule_from_dataset_size():

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from configs import default
+from vgg_jax import config_checks
+from vgg_jax import models
 from vgg_jax import parallel
 from vgg_jax import summary
 from vgg_jax import train
@@ -63,13 +65,15 @@ def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=
   """Returns step time (s), images/s and achieved TFLOP/s of the mapped train step."""
   config = default.get_config()
   config.update(dict(model=model, batch_size=batch_size, dtype=dtype, width=width,
-                     fc_width=fc_width, crop_size=image_size, mapping=mapping))
-  train.validate_config(config)
+                     fc_width=fc_width, crop_size=image_size, mapping=mapping,
+                     num_classes=num_classes, train_scale_min=max(256, image_size),
+                     train_scale_max=max(256, image_size),
+                     eval_scale=max(256, image_size)))
+  config_checks.validate_config(config)
   devices = parallel.DeviceMapping(mapping)
   n = devices.local_device_count
-  net = train.create_model(config, num_classes)
-  state = devices.replicate(train.create_train_state(
-      jax.random.key(0), config, net, (image_size, image_size, 3)))
+  net = models.from_config(config)
+  state = devices.replicate(train.create_train_state(jax.random.key(0), config, net))
   rng = np.random.default_rng(0)
   per_device = (n, batch_size // n)
   # As the input pipeline ships them: uint8 crops and a colour shift per image, made

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of a run's workdir: save, resume, and read back parameters.
+"""A run's workdir: its orbax checkpoints (save, resume, read back parameters) and its
+other files (the frozen config, the metrics, the final evaluation), with their writers,
+readers and checks.
 
 Layout of a workdir:
 
@@ -9,20 +11,24 @@ Layout of a workdir:
   WORKDIR/checkpoints_best/<step>/  the checkpoint with the best validation accuracy
 
 Every checkpoint has two items: "state" (parameters, optimiser state, step; float32
-host arrays) and "meta" (JSON: the plateau controller, the seed, the data position, the
-model's description and the latest evaluation). A restart restores all of it, so the run
-continues exactly where it stopped.
+host arrays) and "meta" (JSON: the plateau controller, the seed, the model's
+description, the latest evaluation and the input normalisation). A restart restores
+all of it, so the run continues exactly where it stopped; the data position is the step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Iterable, Mapping
 
+from clu import metric_writers
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from vgg_jax import models
 
 LATEST = "checkpoints"
 BEST = "checkpoints_best"
@@ -150,7 +156,11 @@ def load_params(path: str, **kwargs) -> tuple[Any, dict]:
   return state["params"], meta
 
 
+# ------------------------------------------------------------ the workdir's other files
+
+
 def write_config(workdir: str, config_json: str) -> None:
+  """WORKDIR/config.json, written aside and renamed (never half-written)."""
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
   with open(tmp, "w") as f:
@@ -159,6 +169,7 @@ def write_config(workdir: str, config_json: str) -> None:
 
 
 def read_config(workdir: str) -> dict | None:
+  """The run's frozen config as a dict; None when WORKDIR has none."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
@@ -187,3 +198,91 @@ def config_differences(stored: Mapping, wanted: Mapping, *,
     elif a != b and not (not prefix and key in FILLED_IN_FIELDS and b is None):
       out.append((prefix + key, a, b))
   return out
+
+
+def check_workdir(workdir: str, config) -> None:
+  """Refuses a workdir whose run has another architecture (its checkpoints don't fit)."""
+  previous = read_config(workdir)
+  if previous is None:
+    return
+  differ = [f"{k}: {a!r} in the workdir, {b!r} now" for k, a, b in
+            models.architecture_differences(previous, config.to_dict())]
+  if differ:
+    raise ValueError(
+        f"The workdir {workdir!r} holds a run of another architecture ("
+        + "; ".join(differ) + "). Resume it with its own config "
+        f"({os.path.join(workdir, CONFIG_FILE)}) or use a new --workdir.")
+
+
+class JsonlWriter(metric_writers.interface.MetricWriter):
+  """Appends scalars as JSON lines (WORKDIR/metrics.jsonl), for plots and sweeps that
+  should not need TensorBoard to read a run."""
+
+  def __init__(self, path: str):
+    self._file = open(path, "a")
+
+  def write_scalars(self, step, scalars):
+    record = {"step": int(step), "time": time.time()}
+    record.update({k: float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def metric_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard and console (clu), plus metrics.jsonl; other hosts only log."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl (one dict of scalars per write); [] if none."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_final_eval(workdir: str, eval_metrics: dict, confusion: np.ndarray) -> None:
+  """WORKDIR/final_eval.json: the finished run's last evaluation and confusion matrix."""
+  with open(os.path.join(workdir, FINAL_EVAL_FILE), "w") as f:
+    json.dump(dict(eval_metrics, confusion=np.asarray(confusion).tolist()), f)
+
+
+def read_final_eval(workdir: str) -> dict | None:
+  """WORKDIR/final_eval.json as a dict; None while the run has not finished."""
+  path = os.path.join(workdir, FINAL_EVAL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

@@ -12,7 +12,8 @@ The output is a parameters-only checkpoint (`checkpointing.save_params`) that
 evaluation reads and that a training run starts from (config.init_from, rule "all" or
 "all_but_fc8"). Its meta names the net (model, num_classes, width, fc_width,
 crop_size) and the *input convention* the source was trained with, which differs from
-ours and must be applied to the images (`input_convention`, `apply_input_convention`):
+ours and must be applied to the images (`pipeline_fields` for the input pipeline,
+`apply_input_convention` for raw arrays):
 
 - torchvision: RGB scaled to 0..1, normalised with mean (0.485, 0.456, 0.406) and std
   (0.229, 0.224, 0.225);
@@ -124,15 +125,15 @@ def pipeline_fields(convention: Mapping[str, Any]) -> dict:
   pipeline, which subtracts a mean (and divides by a std) on the 0..255 RGB scale,
   produce a convention's input. The pipeline's std is ImageNet's
   (58.393, 57.12, 57.375), torchvision's to 3e-5. BGR conventions have no such
-  fields: convert with `rgb=True` (--rgb) first, or apply `apply_input_convention`."""
+  fields: convert with `rgb=True` (--rgb) first, or apply `apply_input_convention` to
+  raw arrays."""
   convention = input_convention({"input_convention": dict(convention)})
   if is_native(convention):
     return {}
   if convention["channel_order"] != "RGB":
     raise ValueError(f"The input pipeline feeds RGB; the convention "
                      f"{convention['name']!r} is {convention['channel_order']}. Convert "
-                     f"with --rgb (flips conv1_1's input channels) or apply "
-                     f"apply_input_convention.")
+                     f"with --rgb (flips conv1_1's input channels).")
   scale = convention["scale"]
   mean = [0.0, 0.0, 0.0] if convention["mean"] is None else convention["mean"]
   return dict(mean_rgb=",".join(f"{round(m / scale, 4):g}" for m in mean),
@@ -365,9 +366,10 @@ def _is_layer_dict(obj) -> bool:
 # ----------------------------------------------------------------- checkpoint meta
 
 
-def describe(params: Params, model: str) -> dict:
-  """The knobs (width, fc_width, num_classes, crop_size) of converted params, checked
-  against the parameter shapes of `models.create_model` with those knobs."""
+def converted_architecture(params: Params, model: str) -> dict:
+  """The architecture fields (`models.ARCHITECTURE_FIELDS`: width, channels, and with a
+  head num_classes, fc_width, crop_size) of converted params, read from their shapes
+  and checked against the net `models.create_model` builds with them."""
   model = models.canonical_name(model)
   convs = [s for s in models.layer_specs(model) if isinstance(s, models.ConvSpec)]
   width = params[convs[0].name]["kernel"].shape[-1] / convs[0].features
@@ -382,13 +384,10 @@ def describe(params: Params, model: str) -> dict:
   net = models.create_model(model, num_classes=meta.get("num_classes", 1000),
                             width=width, fc_width=meta.get("fc_width", 4096))
   size = meta.get("crop_size", models.MIN_IMAGE_SIZE)
-  images = jax.ShapeDtypeStruct((1, size, size, meta["channels"]), jnp.float32)
-  expected = jax.eval_shape(lambda r, x: net.init(r, x, train=False),
-                            jax.random.key(0), images)["params"]
-  wrong = [f"{layer}.{k}: converted {params[layer][k].shape}, net {model} needs "
-           f"{tuple(v.shape)}"
-           for layer, ps in expected.items() if layer in params
-           for k, v in ps.items() if params[layer][k].shape != tuple(v.shape)]
+  expected = models.param_shapes(net, (size, size, meta["channels"]))
+  if "fc8" not in params:  # conv-only weights: the head is not theirs to fit
+    expected = {k: v for k, v in expected.items() if k not in models.HEAD}
+  wrong = models.param_differences(expected, params)
   if wrong:
     raise ValueError(f"The converted weights do not fit net {model} (width {width:g}):"
                      f"\n  " + "\n  ".join(wrong))
@@ -414,7 +413,7 @@ def convert_file(source_format: str, model: str, input_path: str,
   else:
     params = convert_keras(input_path, model)
   params = jax.tree_util.tree_map(np.ascontiguousarray, params)
-  meta = describe(params, model)
+  meta = converted_architecture(params, model)
   convention = dict(CONVENTIONS[source_format])
   if rgb and convention["channel_order"] == "BGR":
     params, convention = bgr_to_rgb(params, convention)

@@ -39,7 +39,8 @@ import numpy as np
 from PIL import Image
 
 from configs import default
-from vgg_jax import input_pipeline as ip
+from vgg_jax import datasets
+from vgg_jax import input_pipeline
 from vgg_jax import transforms
 
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (400, 500))  # (width, height)
@@ -123,14 +124,14 @@ def write_imagenet_manual_dir(directory: str, jpegs: list[bytes]) -> None:
     member.size = len(data)
     tar.addfile(member, io.BytesIO(data))
 
-  with tarfile.open(os.path.join(directory, ip.IMAGENET_FILES["train"]), "w") as train:
+  with tarfile.open(os.path.join(directory, datasets.IMAGENET_FILES["train"]), "w") as train:
     for c, wnid in enumerate(WNIDS):
       inner = io.BytesIO()
       with tarfile.open(fileobj=inner, mode="w") as tar:
         for i in range(c, len(jpegs), len(WNIDS)):
           add(tar, f"{wnid}_{i}.JPEG", jpegs[i])
       add(train, f"{wnid}.tar", inner.getvalue())
-  with tarfile.open(os.path.join(directory, ip.IMAGENET_FILES["validation"]), "w") as val:
+  with tarfile.open(os.path.join(directory, datasets.IMAGENET_FILES["validation"]), "w") as val:
     for i in range(len(WNIDS)):
       add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpegs[i])
 
@@ -148,7 +149,7 @@ def pipeline_config(dataset: str, **overrides):
 def train_batches_per_second(config, num_images: int, warmup_batches: int = 8) -> float:
   """Images/s of `input_pipeline.train_batches` over NUM_IMAGES, in the steady state:
   after WARMUP_BATCHES, while tf.data's autotuning settles."""
-  batches = ip.train_batches(config, seed=0)
+  batches = input_pipeline.train_batches(config, seed=0)
   for _ in range(warmup_batches):
     next(batches)
   start = time.perf_counter()
@@ -219,7 +220,7 @@ def run(jpegs: list[bytes], workspace: str, *, sources, batch_size: int, repeats
       write_imagenet_manual_dir(manual, jpegs)
       config = pipeline_config("imagenet2012", data_dir=os.path.join(workspace, "tfds"),
                                manual_dir=manual, **overrides)
-      ip.dataset_info(config)  # prepares it (not timed)
+      datasets.dataset_info(config)  # prepares it (not timed)
     else:
       raise ValueError(f"Unknown source {source!r}: use folder or array_record.")
     configs[f"train_batches ({source})"] = config
@@ -245,7 +246,7 @@ def main(argv) -> None:
   with tempfile.TemporaryDirectory() as workspace:
     rates = run(jpegs, workspace, sources=FLAGS.sources, batch_size=FLAGS.images_per_batch,
                 repeats=FLAGS.repeats, **sizes)
-  cores = ip.usable_cores()
+  cores = datasets.usable_cores()
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
   print(f"{len(jpegs)} JPEGs of {', '.join(f'{w}x{h}' for w, h in IMAGENET_SIZES)} "
         f"({mean_kb:.0f} KB on average); S in [{FLAGS.scale_min}, {FLAGS.scale_max}], "

@@ -8,7 +8,11 @@ builds any of them, and `create_model` is the public entry point:
     model = create_model("D", num_classes=1000)            # VGG16
     variables = model.init(rng, images, train=False)       # images: [N, H, W, C]
     logits = model.apply(variables, images, train=False)   # [N, num_classes]
-    scores = dense_scores(model, variables["params"], big_images)  # [N, h, w, classes]
+    scores = model.apply(variables, big_images, dense=True)  # [N, h, w, classes]
+
+A run's config describes its net by `ARCHITECTURE_FIELDS`; `from_config` builds that
+net, `init_params` draws its parameters as a run does, and `architecture_differences`
+and `param_differences` say why a checkpoint does not fit a net.
 
 Parameter names follow the original Caffe release: conv{stage}_{index} for the
 convolutions (conv1_1 ... conv5_4) and fc6, fc7, fc8 for the fully connected head.
@@ -22,13 +26,15 @@ very same kernels, so one set of parameters serves both crops and whole images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -270,7 +276,7 @@ class FullyConnected(nn.Module):
 
 class VGG(nn.Module):
   """A VGG net built from a Table 1 entry (see `create_model` for the knobs)."""
-  config: str = "D"
+  net: str = "D"  # a Table 1 name
   num_classes: int = 1000
   width: float = 1.0
   filter_size: int | None = None
@@ -294,7 +300,7 @@ class VGG(nn.Module):
     check_image_size(images.shape[1], images.shape[2])
     kernel_init = kernel_initializer(self.initializer)
     x = images.astype(self.dtype)
-    for spec in layer_specs(self.config, width=self.width, filter_size=self.filter_size):
+    for spec in layer_specs(self.net, width=self.width, filter_size=self.filter_size):
       if isinstance(spec, ConvSpec):
         x = nn.Conv(spec.features, (spec.filter_size, spec.filter_size), padding="SAME",
                     kernel_init=kernel_init, bias_init=nn.initializers.zeros,
@@ -336,17 +342,9 @@ def create_model(name: str = "D", *, num_classes: int = 1000, width: float = 1.0
   check_knobs(width=width, filter_size=filter_size, fc_width=fc_width,
               num_classes=num_classes, dropout_rate=dropout_rate)
   kernel_initializer(init)
-  return VGG(config=canonical_name(name), num_classes=num_classes, width=width,
+  return VGG(net=canonical_name(name), num_classes=num_classes, width=width,
              filter_size=filter_size, fc_width=fc_width, dropout_rate=dropout_rate,
              dtype=jnp.dtype(dtype), initializer=init, lrn=dict(lrn or ALEXNET_LRN))
-
-
-def dense_scores(model: VGG, params: Any, images: Array) -> Array:
-  """Class score map [N, h, w, classes] of the fully-convolutional net (section 3.2).
-
-  At the training crop size the map is 1x1 and equals `model.apply(...)`'s logits.
-  """
-  return model.apply({"params": params}, images, train=False, dense=True)
 
 
 def count_params(params: Any) -> int:
@@ -357,3 +355,88 @@ def count_params(params: Any) -> int:
 def conv_names(name: str) -> Sequence[str]:
   """The conv layer names of a net, in order (conv1_1, conv1_2, ...)."""
   return [s.name for s in layer_specs(name) if isinstance(s, ConvSpec)]
+
+
+# ------------------------------------------------------------- a run's net, from its config
+
+# Fields of a run's config that fix the shapes of the parameters: a checkpoint fits only a
+# net that agrees on all of them. (A checkpoint written without a config, by surgery or
+# conversion, names them in its meta.)
+ARCHITECTURE_FIELDS = ("model", "width", "filter_size", "fc_width", "num_classes",
+                       "channels", "crop_size")
+
+
+def from_config(config, num_classes: int | None = None) -> VGG:
+  """The net of a run's config (model, width, filter_size, fc_width, dropout_rate, dtype,
+  init), with NUM_CLASSES outputs (default config.num_classes)."""
+  return create_model(
+      config.model, num_classes=num_classes or config.num_classes, width=config.width,
+      filter_size=config.filter_size, fc_width=config.fc_width,
+      dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype), init=config.init)
+
+
+def input_shape(config) -> tuple[int, int, int]:
+  """(height, width, channels) of the images a run's net is built for: its training
+  crops. (fc6's inputs, and so the parameters' shapes, depend on it.)"""
+  return (config.crop_size, config.crop_size, config.channels)
+
+
+def architecture(config) -> dict:
+  """The ARCHITECTURE_FIELDS of a config (a ConfigDict or a dict), as a plain dict."""
+  fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return {k: fields[k] for k in ARCHITECTURE_FIELDS if k in fields}
+
+
+def architecture_differences(stored: Mapping, wanted: Mapping,
+                             ) -> list[tuple[str, Any, Any]]:
+  """(field, stored, wanted) for each architecture field of STORED that WANTED sets
+  otherwise. Nets are compared by their Table 1 name ("vgg16" and "D" agree), and a
+  num_classes left None in WANTED (to be read from the dataset) agrees with any."""
+  out = []
+  for key in ARCHITECTURE_FIELDS:
+    if key not in stored:
+      continue
+    a, b = stored[key], wanted.get(key)
+    if key == "model" and a is not None and b is not None:
+      same = canonical_name(a) == canonical_name(b)
+    else:
+      same = a == b or (key == "num_classes" and b is None)
+    if not same:
+      out.append((key, a, b))
+  return out
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(parameter initialisation key, dropout key) of a run with SEED."""
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  return init_key, dropout_key
+
+
+def init_params(model: VGG, rng: jax.Array, image_shape: Sequence[int]) -> Any:
+  """Fresh parameters of MODEL for images of IMAGE_SHAPE (H, W, C), drawn with RNG."""
+  @jax.jit
+  def init(rng):
+    return model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+                      train=False)["params"]
+  return init(rng)
+
+
+def param_shapes(model: VGG, image_shape: Sequence[int]) -> Any:
+  """The parameters' shapes and dtypes (jax.ShapeDtypeStruct), nothing allocated."""
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                        images)["params"]
+
+
+def param_differences(expected: Any, params: Any) -> list[str]:
+  """What keeps PARAMS from fitting the tree EXPECTED (e.g. `param_shapes`): parameters
+  missing, unexpected, or of another shape, one line each; empty when they fit."""
+  def flat(tree):
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf
+            in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, have = flat(expected), flat(params)
+  problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: {have[k]} given, {want[k]} in the net"
+               for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+  return problems

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from typing import Sequence
 
 import matplotlib
@@ -12,10 +12,17 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 
-def read_metrics(path: str) -> list[dict]:
-  """The records of a run's metrics.jsonl (one dict of scalars per write)."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+LEARNING_CURVES_FILE = "learning_curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+
+
+def plot_run(workdir: str, records: Sequence[dict], confusion: np.ndarray, *,
+             class_names: Sequence[str] | None = None, title: str = "") -> None:
+  """A finished run's figures in WORKDIR: its learning curves (from RECORDS, the
+  metrics.jsonl records) and the confusion matrix of its last evaluation."""
+  plot_learning_curves(records, os.path.join(workdir, LEARNING_CURVES_FILE), title=title)
+  plot_confusion_matrix(confusion, os.path.join(workdir, CONFUSION_MATRIX_FILE),
+                        class_names=class_names, title=title)
 
 
 def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -25,9 +32,8 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.array([points[s] for s in steps])
 
 
-def plot_learning_curves(metrics_path: str, png_path: str, title: str = "") -> None:
+def plot_learning_curves(records: Sequence[dict], png_path: str, title: str = "") -> None:
   """Training loss, validation top-1/top-5 error and the learning rate against steps."""
-  records = read_metrics(metrics_path)
   fig, (ax_loss, ax_err, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
   for key, label in [("train_loss", "train"), ("eval_loss", "validation")]:
     steps, values = series(records, key)

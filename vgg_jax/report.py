@@ -84,14 +84,10 @@ def read_trial(trial_dir: str) -> TrialResult | None:
       trial = json.load(f)
   else:  # a run not made by the sweep: its name without the seed suffix
     trial = dict(group=re.sub(r"-s\d+$", "", name), seed=config.get("seed", 0))
-  metrics_path = os.path.join(trial_dir, checkpointing.METRICS_FILE)
-  records = plots.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-  final_path = os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE)
-  final = error = None
-  if os.path.exists(final_path):
-    with open(final_path) as f:
-      final = json.load(f)
-  elif os.path.exists(os.path.join(trial_dir, sweep.FAILED_FILE)):
+  records = checkpointing.read_metrics(trial_dir)
+  final = checkpointing.read_final_eval(trial_dir)
+  error = None
+  if final is None and os.path.exists(os.path.join(trial_dir, sweep.FAILED_FILE)):
     with open(os.path.join(trial_dir, sweep.FAILED_FILE)) as f:
       error = json.load(f)["error"]
   return TrialResult(name=name, group=trial["group"], seed=int(trial["seed"]),
@@ -123,18 +119,12 @@ def read_sweep(sweep_dir: str) -> list[TrialResult]:
   return sorted(trials, key=lambda t: rank.get(t.name, len(rank)))  # stable
 
 
-def _knobs(config: dict) -> dict:
-  return dict(image_size=config["crop_size"], channels=config["channels"],
-              num_classes=config.get("num_classes") or 1000, width=config["width"],
-              filter_size=config.get("filter_size"), fc_width=config["fc_width"])
-
-
 def net_stats(config: dict) -> dict:
   """Weight layers, largest filter size, parameters and multiply-adds of a run's net."""
   specs = models.layer_specs(config["model"], width=config["width"],
                              filter_size=config.get("filter_size"))
   convs = [s for s in specs if isinstance(s, models.ConvSpec)]
-  totals = summary.totals(config["model"], **_knobs(config))
+  totals = summary.run_totals(config)
   return dict(weight_layers=len(convs) + len(models.HEAD),
               filter_size=max(s.filter_size for s in convs),
               params=totals.params, macs=totals.macs)

@@ -149,6 +149,15 @@ def totals(name: str, **knobs) -> Totals:
                 activations=sum(r.activations for r in rows))
 
 
+def run_totals(config) -> Totals:
+  """`totals` of a run's net, from its architecture fields (`models.ARCHITECTURE_FIELDS`
+  of its config; num_classes None counts as ImageNet's 1000)."""
+  arch = models.architecture(config)
+  return totals(arch["model"], image_size=arch["crop_size"], channels=arch["channels"],
+                num_classes=arch.get("num_classes") or 1000, width=arch["width"],
+                filter_size=arch.get("filter_size"), fc_width=arch["fc_width"])
+
+
 def count_params_from_spec(name: str, **knobs) -> int:
   """Trainable parameters of net `name`, equal to `models.count_params` of its init.
 

@@ -29,7 +29,6 @@ from typing import Any, Mapping
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -95,11 +94,10 @@ class SurgeryReport:
   target_model: str
   copied: tuple[tuple[str, str, dict], ...] = ()  # (source, target, {param: shape})
   fresh: tuple[tuple[str, dict], ...] = ()        # (target layer, {param: shape})
-  fresh_is_init: bool = True  # the untouched layers are the run's fresh initialisation
 
   def to_json(self) -> dict:
     return dict(rule=self.rule, source=self.source, source_model=self.source_model,
-                target_model=self.target_model, fresh_is_init=self.fresh_is_init,
+                target_model=self.target_model,
                 copied=[dict(source=s, target=t, shapes=_json_shapes(sh))
                         for s, t, sh in self.copied],
                 fresh=[dict(target=t, shapes=_json_shapes(sh)) for t, sh in self.fresh])
@@ -109,14 +107,13 @@ class SurgeryReport:
 
   def format(self) -> str:
     """A human-readable table of the surgery."""
-    kept = "fresh (initialisation)" if self.fresh_is_init else "kept (unchanged)"
     lines = [f"Surgery rule {self.rule!r}: {self.source_model} ({self.source}) -> "
              f"{self.target_model}",
              f"  copied {len(self.copied)} layers:"]
     for source, target, shapes in self.copied:
       arrow = target if source == target else f"{source} -> {target}"
       lines.append(f"    {arrow:<20} {_shapes_str(shapes)}")
-    lines.append(f"  {kept}: {len(self.fresh)} layers:")
+    lines.append(f"  fresh (initialisation): {len(self.fresh)} layers:")
     for target, shapes in self.fresh:
       lines.append(f"    {target:<20} {_shapes_str(shapes)}")
     return "\n".join(lines)
@@ -155,8 +152,7 @@ def resolve_rule(rule: str | Rule | Mapping[str, str]) -> tuple[str, Rule]:
 
 def apply_rule(rule: str | Rule | Mapping[str, str], source_params: Params,
                target_params: Params, *, source_model: str, target_model: str,
-               source: str = "<params>", fresh_is_init: bool = True,
-               ) -> tuple[Params, SurgeryReport]:
+               source: str = "<params>") -> tuple[Params, SurgeryReport]:
   """Copies the rule's layers of `source_params` into `target_params` (pure).
 
   Raises ValueError when the source or target architecture does not fit the rule, when
@@ -218,8 +214,7 @@ def apply_rule(rule: str | Rule | Mapping[str, str], source_params: Params,
   fresh = tuple((t, _layer_shapes(v)) for t, v in target_params.items()
                 if t not in targets)
   report = SurgeryReport(rule=name, source=source, source_model=source_model,
-                         target_model=target_model, copied=tuple(copied), fresh=fresh,
-                         fresh_is_init=fresh_is_init)
+                         target_model=target_model, copied=tuple(copied), fresh=fresh)
   return params, report
 
 
@@ -268,16 +263,13 @@ def source_architecture(path: str, meta: dict, params: Params) -> str:
                    f"no 'model' and its layers match no Table 1 net.")
 
 
-def init_params_from(config, fresh_params: Params, *, seed_params_are_fresh: bool = True,
-                     ) -> tuple[Params, SurgeryReport]:
+def init_params_from(config, fresh_params: Params) -> tuple[Params, SurgeryReport]:
   """Applies `config.init_from` to the run's freshly initialised `fresh_params`.
 
   Reads the checkpoint `config.init_from.checkpoint` (a training workdir, or an output
   of vgg_jax.surgery / vgg_jax.convert), copies the layers of rule
   `config.init_from.rule` into `fresh_params` and returns (params, report). With no
-  checkpoint configured, returns `fresh_params` unchanged and an empty report.
-  `seed_params_are_fresh=False` only relabels the untouched layers in the report as
-  "kept" rather than "fresh". Raises FileNotFoundError for a missing checkpoint and
+  checkpoint configured, returns `fresh_params` unchanged and an empty report. Raises FileNotFoundError for a missing checkpoint and
   ValueError for an unknown rule, a source of the wrong architecture, missing layers
   or shape mismatches.
   """
@@ -288,37 +280,21 @@ def init_params_from(config, fresh_params: Params, *, seed_params_are_fresh: boo
     name, _ = resolve_rule(rule)
     fresh = tuple((t, _layer_shapes(v)) for t, v in fresh_params.items())
     return fresh_params, SurgeryReport(rule=name, source="", source_model="",
-                                       target_model=target_model, fresh=fresh,
-                                       fresh_is_init=seed_params_are_fresh)
+                                       target_model=target_model, fresh=fresh)
   resolve_rule(rule)  # an unknown rule fails before the checkpoint is read
   source_params, _, source_model = read_source(path)
   return apply_rule(rule, source_params, fresh_params, source_model=source_model,
-                    target_model=target_model, source=path,
-                    fresh_is_init=seed_params_are_fresh)
+                    target_model=target_model, source=path)
 
 
 # ----------------------------------------------------------------------- command
 
 
-def create_model(config, num_classes: int) -> models.VGG:
-  """The model of a training config (as vgg_jax.train.create_model builds it)."""
-  return models.create_model(
-      config.model, num_classes=num_classes, width=config.width,
-      filter_size=config.filter_size, fc_width=config.fc_width,
-      dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype), init=config.init)
-
-
 def fresh_params(config, num_classes: int, seed: int | None = None) -> Params:
   """The initialisation a training run with `config` draws (same seed, same keys)."""
-  model = create_model(config, num_classes)
-  seed = config.seed if seed is None else seed
-  init_rng, _ = jax.random.split(jax.random.key(seed))  # as train.train_and_evaluate
-  shape = (1, config.crop_size, config.crop_size, config.channels)
-
-  @jax.jit
-  def init(rng):
-    return model.init(rng, jnp.zeros(shape, jnp.float32), train=False)["params"]
-  return init(init_rng)
+  model = models.from_config(config, num_classes)
+  init_key, _ = models.seed_keys(config.seed if seed is None else seed)
+  return models.init_params(model, init_key, models.input_shape(config))
 
 
 def graft(source: str, config, *, rule: str | None = None, seed: int | None = None,
@@ -343,10 +319,8 @@ def graft(source: str, config, *, rule: str | None = None, seed: int | None = No
       resolved, source_params, fresh_params(config, num_classes, seed),
       source_model=source_model, target_model=config.model, source=source)
   report = dataclasses.replace(report, rule=name)
-  meta = dict(model=models.canonical_name(config.model), num_classes=num_classes,
-              width=config.width, fc_width=config.fc_width,
-              filter_size=config.filter_size, crop_size=config.crop_size,
-              channels=config.channels, init=config.init, seed=seed,
+  meta = dict(models.architecture(config), model=models.canonical_name(config.model),
+              num_classes=num_classes, init=config.init, seed=seed,
               surgery=report.to_json())
   if "input_convention" in source_meta:  # a converted net keeps its input convention
     meta["input_convention"] = source_meta["input_convention"]

@@ -5,8 +5,8 @@ A sweep file under experiments/ defines `get_sweep()` returning a `Sweep` (or a 
 its fields): a base config file, overrides shared by every trial, and the trials, as a
 list and/or a grid of config overrides (dotted names such as "plateau.patience"), each
 run with every seed. `expand` turns it into `Trial`s; every override is checked against
-the base config before any trial starts. Each trial trains with
-`train.train_and_evaluate` in DIR/<trial name>; running the command again skips finished
+the base config before any trial starts. Each trial runs as `python -m vgg_jax.main`
+would run it (`main.run`) in DIR/<trial name>; running the command again skips finished
 trials and resumes unfinished ones from their checkpoints.
 
   --dry_run           print the trials and stop
@@ -36,6 +36,8 @@ from absl import logging
 import ml_collections
 
 from vgg_jax import checkpointing
+from vgg_jax import config_checks
+from vgg_jax import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_FILE = "trial.json"      # name, group, seed, overrides of the trial in its dir
@@ -201,36 +203,37 @@ def trial_config(sweep: Sweep, trial: Trial,
   return config
 
 
-def config_differences(trial_dir: str, config: ml_collections.ConfigDict) -> list[str]:
+def workdir_conflicts(trial_dir: str, config: ml_collections.ConfigDict) -> list[str]:
   """How TRIAL_DIR/config.json differs from CONFIG (empty: same, or no run yet)."""
   stored = checkpointing.read_config(trial_dir)
   if stored is None:
     return []
   return [f"{k}: {a!r} in the workdir, {b!r} in the sweep" for k, a, b in
-          checkpointing.config_differences(stored, json.loads(config.to_json_best_effort()))]
+          checkpointing.config_differences(
+              stored, json.loads(config.to_json_best_effort()))]
 
 
 def is_finished(trial_dir: str) -> bool:
   """Whether the trial's run has ended (prepare() has already checked its config)."""
-  return os.path.exists(os.path.join(trial_dir, checkpointing.FINAL_EVAL_FILE))
+  return checkpointing.read_final_eval(trial_dir) is not None
 
 
 def prepare(sweep: Sweep, workdir: str, only: str | None = None
             ) -> list[tuple[Trial, ml_collections.ConfigDict]]:
-  """Expands and validates every trial (configs built, checked by train's own
-  validation, compared with runs already in WORKDIR) before anything runs."""
-  from vgg_jax import train  # pylint: disable=g-import-not-at-top
+  """Expands and validates every trial (configs built, checked by
+  `config_checks.validate_config`, compared with runs already in WORKDIR) before
+  anything runs."""
   base = load_base_config(sweep)
   prepared = []
   for trial in expand(sweep):
     config = trial_config(sweep, trial, base)
     try:
-      train.validate_config(config)
+      config_checks.validate_config(config)
     except ValueError as e:
       raise ValueError(f"Trial {trial.name}: {e}") from e
     if only and only not in trial.name:
       continue
-    differ = config_differences(os.path.join(workdir, trial.name), config)
+    differ = workdir_conflicts(os.path.join(workdir, trial.name), config)
     if differ:
       raise ValueError(
           f"{os.path.join(workdir, trial.name)} holds a run of another config ("
@@ -262,7 +265,6 @@ def run(sweep: Sweep, workdir: str, only: str | None = None) -> dict[str, dict]:
   error goes to TRIAL_DIR/failed.json and the report, the remaining trials run, and
   then RuntimeError names the failed ones. Running the sweep again retries them.
   """
-  from vgg_jax import train  # pylint: disable=g-import-not-at-top
   prepared = prepare(sweep, workdir, only)
   write_sweep_file(sweep, workdir)
   results, failed = {}, {}
@@ -275,7 +277,7 @@ def run(sweep: Sweep, workdir: str, only: str | None = None) -> dict[str, dict]:
     write_trial_file(trial_dir, trial)
     failed_path = os.path.join(trial_dir, FAILED_FILE)
     try:
-      results[trial.name] = train.train_and_evaluate(config, trial_dir)
+      results[trial.name] = main_lib.run(config, trial_dir)
     except Exception as e:  # pylint: disable=broad-exception-caught (reported below)
       failed[trial.name] = f"{type(e).__name__}: {e}"
       logging.exception("Trial %s failed; going on with the others.", trial.name)
@@ -324,7 +326,7 @@ def write_commands(sweep: Sweep, workdir: str, path: str, only: str | None = Non
   return lines
 
 
-def describe(trials: Sequence[Trial]) -> str:
+def trials_table(trials: Sequence[Trial]) -> str:
   """The trial list as text: name, group, seed, overrides."""
   width = max([len(t.name) for t in trials] + [4])
   gwidth = max([len(t.group) for t in trials] + [5])
@@ -362,7 +364,7 @@ def main(argv: Sequence[str]) -> None:
     prepared = prepare(sweep, FLAGS.workdir, FLAGS.only)
     print(f"{len(prepared)} trials of {FLAGS.sweep} (base config {sweep.config}, "
           f"shared overrides {dict(sweep.base)}):")
-    print(describe([t for t, _ in prepared]))
+    print(trials_table([t for t, _ in prepared]))
     return
   if FLAGS.write_commands:
     lines = write_commands(sweep, FLAGS.workdir, FLAGS.write_commands, FLAGS.only)

@@ -4,20 +4,18 @@ The recipe: softmax cross-entropy, mini-batch SGD with momentum 0.9, weight deca
 dropout 0.5 on fc6 and fc7, learning rate 1e-2 divided by 10 whenever validation
 accuracy stops improving (`plateau.py`). The step functions here are written for one
 device and average gradients with `jax.lax.pmean`; `parallel.py` maps them over the
-devices. `train_and_evaluate` is the loop: evaluation, checkpoints, metrics, resume.
+devices. `train_and_evaluate` is the loop: validation, checkpoints, metrics, resume.
+What follows a run (the paper's test protocols, the report) is wired by `main`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 from flax.training import train_state as flax_train_state
 import jax
@@ -27,19 +25,16 @@ import numpy as np
 import optax
 
 from vgg_jax import checkpointing
+from vgg_jax import config_checks
+from vgg_jax import datasets
 from vgg_jax import input_pipeline
+from vgg_jax import metrics as metrics_lib
 from vgg_jax import models
 from vgg_jax import parallel
 from vgg_jax import plateau
-from vgg_jax import plots
 from vgg_jax import surgery
 
 AXIS = parallel.AXIS
-
-# Fields that fix the shapes of the parameters: a workdir's checkpoints only fit a run
-# that agrees on all of them.
-ARCHITECTURE_FIELDS = ("model", "width", "filter_size", "fc_width", "num_classes",
-                       "channels", "crop_size")
 
 
 class TrainState(flax_train_state.TrainState):
@@ -47,45 +42,6 @@ class TrainState(flax_train_state.TrainState):
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, before any data or compilation, on values the recipe cannot use."""
-  plateau.PlateauConfig.from_config(config)  # learning rate and plateau fields
-  parallel.check_mapping(config.mapping)
-  parallel.check_batch_size(config.batch_size)
-  models.check_knobs(width=config.width, filter_size=config.filter_size,
-                     fc_width=config.fc_width, dropout_rate=config.dropout_rate,
-                     num_classes=config.num_classes or 1)
-  models.kernel_initializer(config.init)
-  models.canonical_name(config.model)
-  if not 0 <= config.momentum < 1:
-    raise ValueError(f"momentum must be in [0, 1), got {config.momentum!r}.")
-  if config.weight_decay < 0:
-    raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}.")
-  if config.num_epochs <= 0:
-    raise ValueError(f"num_epochs must be > 0, got {config.num_epochs!r}.")
-  if config.dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
-  for field, least, optional in (("log_every_steps", 1, False),
-                                 ("keep_checkpoints", 1, False),
-                                 ("prefetch_to_device", 0, False),
-                                 ("eval_every_steps", 1, True),  # None: every epoch
-                                 ("checkpoint_every_steps", 0, True)):  # 0: at evals
-    value = config[field]
-    if not (value is None and optional) and (value is None or value < least):
-      raise ValueError(f"{field} must be at least {least}"
-                       f"{' (or None)' if optional else ''}, got {value!r}.")
-  if config.final_eval_protocols:  # else a typo would surface only after training
-    from vgg_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-    evaluate_lib.parse_protocols(config.final_eval_protocols)
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VGG:
-  return models.create_model(
-      config.model, num_classes=num_classes, width=config.width,
-      filter_size=config.filter_size, fc_width=config.fc_width,
-      dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype), init=config.init)
 
 
 def decay_mask(params: Any) -> Any:
@@ -105,19 +61,16 @@ def sgd_with_weight_decay(learning_rate: float, momentum: float, weight_decay: f
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   # The learning rate is a hyperparameter in the optimiser state, so that the plateau
   # controller sets it from the host without recompiling.
-  return optax.inject_hyperparams(sgd_with_weight_decay, static_args=("momentum", "weight_decay", "nesterov"))(
+  return optax.inject_hyperparams(
+      sgd_with_weight_decay, static_args=("momentum", "weight_decay", "nesterov"))(
       learning_rate=config.learning_rate, momentum=config.momentum,
       weight_decay=config.weight_decay, nesterov=config.nesterov)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
-                       model: models.VGG, image_shape: tuple[int, ...]) -> TrainState:
-  """A fresh state on the host; `image_shape` is one training crop (H, W, C)."""
-  @jax.jit
-  def init(rng):
-    return model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
-                      train=False)["params"]
-  params = init(rng)
+                       model: models.VGG) -> TrainState:
+  """A fresh state on the host, its parameters drawn with RNG for the config's crops."""
+  params = models.init_params(model, rng, models.input_shape(config))
   return TrainState.create(apply_fn=model.apply, params=params,
                            tx=create_optimizer(config))
 
@@ -128,18 +81,6 @@ def set_learning_rate(state: TrainState, learning_rate) -> TrainState:
 
 
 # ------------------------------------------------------------------ per-device steps
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def correct_top_k(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest scores (ties and NaNs count against)."""
-  label_scores = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  higher = jnp.sum(logits > label_scores, axis=-1)
-  finite = jnp.all(jnp.isfinite(logits), axis=-1)  # NaN compares false: a diverged
-  return ((higher < k) & finite).astype(jnp.float32)  # net would seem always right
 
 
 def train_step(state: TrainState, batch: dict, dropout_rng: jax.Array,
@@ -155,13 +96,14 @@ def train_step(state: TrainState, batch: dict, dropout_rng: jax.Array,
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, batch["image"], train=True,
                             rngs={"dropout": rng})
-    return cross_entropy(logits, batch["label"]).mean(), logits
+    return metrics_lib.cross_entropy(logits, batch["label"]).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   state = set_learning_rate(state, learning_rate)
   state = state.apply_gradients(grads=grads)
-  metrics = dict(loss=loss, top1=correct_top_k(logits, batch["label"], 1).mean(),
+  metrics = dict(loss=loss,
+                 top1=metrics_lib.correct_top_k(logits, batch["label"], 1).mean(),
                  grad_norm=optax.global_norm(grads), learning_rate=learning_rate)
   return state, jax.lax.pmean(metrics, AXIS)
 
@@ -170,16 +112,12 @@ def eval_step(params: Any, batch: dict, *, apply_fn) -> dict:
   """Sums over the real (unmasked) examples of all devices."""
   logits = apply_fn({"params": params}, batch["image"], train=False)
   mask = batch["mask"]
-  sums = dict(loss=cross_entropy(logits, batch["label"]),
-              top1=correct_top_k(logits, batch["label"], 1),
-              top5=correct_top_k(logits, batch["label"], 5),
+  sums = dict(loss=metrics_lib.cross_entropy(logits, batch["label"]),
+              top1=metrics_lib.correct_top_k(logits, batch["label"], 1),
+              top5=metrics_lib.correct_top_k(logits, batch["label"], 5),
               count=jnp.ones_like(mask))
   sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
-  # confusion[true, predicted]: counts of the real examples.
-  num_classes = logits.shape[-1]
-  true = jax.nn.one_hot(batch["label"], num_classes) * mask[:, None]
-  predicted = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-  sums["confusion"] = true.T @ predicted
+  sums["confusion"] = metrics_lib.confusion_matrix(logits, batch["label"], mask)
   return jax.lax.psum(sums, AXIS)
 
 
@@ -203,8 +141,8 @@ def map_steps(mapping: parallel.DeviceMapping, model: models.VGG, *, mean, std=N
 # ---------------------------------------------------------------- host-side helpers
 
 
-def evaluate(mapped_eval_step, mapping: parallel.DeviceMapping, params: Any,
-             batches: Iterator[dict]) -> dict[str, float]:
+def validation_metrics(mapped_eval_step, mapping: parallel.DeviceMapping, params: Any,
+                       batches: Iterator[dict]) -> tuple[dict[str, float], np.ndarray]:
   """Loss, top-1 and top-5 error over a whole split, every example counted once, and
   the confusion matrix [true class, predicted class]."""
   totals = None
@@ -218,84 +156,6 @@ def evaluate(mapped_eval_step, mapping: parallel.DeviceMapping, params: Any,
               top1_error=1.0 - float(totals["top1"]) / count,
               top5_error=1.0 - float(totals["top5"]) / count,
               examples=int(count)), np.rint(totals["confusion"]).astype(np.int64)
-
-
-class JsonlWriter(metric_writers.interface.MetricWriter):
-  """Appends scalars as JSON lines (WORKDIR/metrics.jsonl), for plots and sweeps that
-  should not need TensorBoard to read a run."""
-
-  def __init__(self, path: str):
-    self._file = open(path, "a")
-
-  def write_scalars(self, step, scalars):
-    record = {"step": int(step), "time": time.time()}
-    record.update({k: float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    self._file.flush()
-
-  def close(self):
-    self._file.close()
-
-
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard and console (clu), plus metrics.jsonl; other hosts only log."""
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(just_logging=True)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, checkpointing.METRICS_FILE))])
-
-
-def architecture_differences(stored: Mapping, wanted: Mapping,
-                             ) -> list[tuple[str, Any, Any]]:
-  """(field, stored, wanted) for each ARCHITECTURE_FIELDS field of STORED that WANTED
-  sets otherwise; the nets' names are compared as nets ("vgg16" and "D" agree)."""
-  def canonical(fields):
-    fields = dict(fields)
-    if fields.get("model") is not None:
-      fields["model"] = models.canonical_name(fields["model"])
-    return fields
-  keys = [k for k in ARCHITECTURE_FIELDS if k in stored]
-  return [(k, stored.get(k), wanted.get(k)) for k, _, _ in
-          checkpointing.config_differences(canonical(stored), canonical(wanted), keys=keys)]
-
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir whose run has another architecture (its checkpoints don't fit)."""
-  previous = checkpointing.read_config(workdir)
-  if previous is None:
-    return
-  differ = [f"{k}: {a!r} in the workdir, {b!r} now" for k, a, b in
-            architecture_differences(previous, config.to_dict())]
-  if differ:
-    raise ValueError(
-        f"The workdir {workdir!r} holds a run of another architecture ("
-        + "; ".join(differ) + "). Resume it with its own config "
-        f"({os.path.join(workdir, checkpointing.CONFIG_FILE)}) or use a new --workdir.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,17 +180,6 @@ def summarize_train_metrics(per_step: list[dict]) -> dict[str, float]:
   return {f"train_{k}": float(np.mean([m[k] for m in per_step])) for k in per_step[0]}
 
 
-def write_final_report(workdir: str, eval_metrics: dict, confusion: np.ndarray, *,
-                       class_names=None, title: str = "") -> None:
-  """final_eval.json, learning_curves.png and confusion_matrix.png in the workdir."""
-  with open(os.path.join(workdir, checkpointing.FINAL_EVAL_FILE), "w") as f:
-    json.dump(dict(eval_metrics, confusion=confusion.tolist()), f)
-  plots.plot_learning_curves(os.path.join(workdir, checkpointing.METRICS_FILE),
-                             os.path.join(workdir, "learning_curves.png"), title=title)
-  plots.plot_confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"),
-                              class_names=class_names, title=title)
-
-
 def check_finite(values: Any, what: str, step: int, workdir: str, config) -> None:
   """Stops a diverged run before a NaN reaches a checkpoint or the plateau controller."""
   if all(np.all(np.isfinite(v)) for v in jax.tree_util.tree_leaves(values)):
@@ -343,145 +192,221 @@ def check_finite(values: Any, what: str, step: int, workdir: str, config) -> Non
       f"init='glorot', as the paper did.")
 
 
+def with_num_classes(config: ml_collections.ConfigDict,
+                     info: datasets.DatasetInfo) -> ml_collections.ConfigDict:
+  """A copy of CONFIG whose num_classes, if left None, is the dataset's."""
+  config = config.copy_and_resolve_references()
+  if config.num_classes is None:
+    with config.unlocked():
+      config.num_classes = info.num_classes
+  return config
+
+
+# ------------------------------------------------------------------------ resume
+
+
+@dataclasses.dataclass
+class Progress:
+  """What a run's checkpoints carry besides the state: the learning-rate schedule
+  (the plateau controller), the latest validation, and the accuracy of the best
+  checkpoint. (Not the plateau's best, which moves only by more than its threshold:
+  a smaller gain still makes a better checkpoint.)"""
+  schedule: plateau.PlateauState
+  last_eval: dict
+  best_accuracy: float
+
+  @classmethod
+  def fresh(cls, plateau_config: plateau.PlateauConfig) -> "Progress":
+    return cls(plateau.initial_state(plateau_config), {}, -1.0)
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> "Progress":
+    schedule = plateau.PlateauState.from_json(meta["plateau"])
+    return cls(schedule, meta.get("eval", {}),
+               meta.get("best_accuracy", schedule.best_accuracy))
+
+  def to_meta(self, *, step: int, config, model: models.VGG, mean, std) -> dict:
+    """The checkpoint's meta (its JSON item)."""
+    return dict(step=step, plateau=self.schedule.to_json(), seed=config.seed,
+                model=model.net, num_classes=model.num_classes, eval=self.last_eval,
+                best_accuracy=self.best_accuracy,
+                # What the net was trained on, for evaluation on other data:
+                normalization=dict(mean=list(mean), std=std and list(std)))
+
+
+def restore_or_initialize(config, checkpointer: checkpointing.Checkpointer,
+                          fresh: TrainState) -> tuple[TrainState, Progress]:
+  """The state a run starts from, and its progress. In this order:
+
+  1. this run's newest checkpoint, if it has one: a restart continues exactly where
+     the run stopped (parameters, optimiser, step, schedule, best checkpoint);
+  2. else, with config.init_from.checkpoint, FRESH with the layers of
+     config.init_from.rule copied from that checkpoint (surgery; section 3.1);
+  3. else FRESH (the run's seed drew it).
+  """
+  restored = checkpointer.restore_latest(fresh)
+  if restored is not None:
+    state, meta = restored
+    logging.info("Resumed from step %d of its workdir.", int(state.step))
+    return state, Progress.from_meta(meta)
+  progress = Progress.fresh(plateau.PlateauConfig.from_config(config))
+  if config.init_from.checkpoint:
+    params, report = surgery.init_params_from(config, fresh.params)
+    logging.info("Initialised from %s:\n%s", config.init_from.checkpoint, report)
+    return fresh.replace(params=params), progress
+  return fresh, progress
+
+
 # ---------------------------------------------------------------------- the loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until the plateau schedule or the epoch cap ends it; resumes from WORKDIR.
 
-  Returns the last validation metrics (loss, top1_error, top5_error, ...).
+  Returns the last validation metrics (loss, top1_error, top5_error, examples), the
+  confusion matrix of that validation ("confusion"), the step, the learning rate and
+  the number of plateau drops.
   """
-  validate_config(config)
-  check_workdir(workdir, config)
-  info = input_pipeline.dataset_info(config)
-  num_classes = config.num_classes or info.num_classes
-  if config.num_classes is None:
-    with config.unlocked():
-      config.num_classes = num_classes
-  check_workdir(workdir, config)
+  config_checks.validate_config(config)
+  checkpointing.check_workdir(workdir, config)  # before the data, which may take long
+  info = datasets.dataset_info(config)
+  config = with_num_classes(config, info)
+  checkpointing.check_workdir(workdir, config)  # again, with the dataset's num_classes
   if jax.process_index() == 0:
     checkpointing.write_config(workdir, config.to_json_best_effort(indent=2))
 
-  model = create_model(config, num_classes)
+  model = models.from_config(config)
   schedule = Schedule.create(config, info.num_train)
-  plateau_config = plateau.PlateauConfig.from_config(config)
   mapping = parallel.DeviceMapping(config.mapping)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  writer = create_writer(workdir)
-
-  rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
-  host_state = create_train_state(init_rng, config, model, info.image_shape)
-  restored = checkpointer.restore_latest(host_state)
-  # best_saved: the accuracy of the best checkpoint. Not the plateau's best, which moves
-  # only by more than its threshold: a smaller gain still makes a better checkpoint.
-  if restored is not None:
-    host_state, meta = restored
-    schedule_state = plateau.PlateauState.from_json(meta["plateau"])
-    last_eval = meta.get("eval", {})
-    best_saved = meta.get("best_accuracy", schedule_state.best_accuracy)
-    logging.info("Resumed from step %d of %s.", int(host_state.step), workdir)
-  else:
-    schedule_state = plateau.initial_state(plateau_config)
-    last_eval = {}
-    best_saved = -1.0
-    if config.init_from.checkpoint:  # only a fresh run: a resumed one has its weights
-      params, report = surgery.init_params_from(config, host_state.params)
-      host_state = host_state.replace(params=params)
-      logging.info("Initialised from %s:\n%s", config.init_from.checkpoint, report)
-  step = int(host_state.step)
-  mean, std = input_pipeline.normalization(config, workdir=workdir)
-
-  def meta_dict(eval_metrics):
-    return dict(step=step, plateau=schedule_state.to_json(), seed=config.seed,
-                data_position=step, model=model.config, num_classes=num_classes,
-                eval=eval_metrics, best_accuracy=best_saved,
-                # What the net was trained on, for evaluation on other data:
-                normalization=dict(mean=list(mean), std=std and list(std)))
-
-  state = mapping.replicate(host_state)
-  replicated_dropout_rng = mapping.replicate(jax.random.key_data(dropout_rng))
-  p_train_step, p_eval_step = map_steps(mapping, model, mean=mean, std=std)
-  block_each_step = jax.default_backend() == "cpu"  # fake CPU devices can deadlock
-
-  hooks = []
-  if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=schedule.total_steps,
-                                                 writer=writer))
-    if config.profile:
-      hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
-
-  train_batches = mapping.prefetch(
-      input_pipeline.train_batches(config, seed=config.seed, start_step=step),
-      config.prefetch_to_device)
+  writer = checkpointing.metric_writer(workdir)
+  init_key, dropout_key = models.seed_keys(config.seed)
+  host_state, progress = restore_or_initialize(
+      config, checkpointer, create_train_state(init_key, config, model))
+  mean, std = datasets.normalization(config, workdir=workdir)
   logging.info("Training %s (%s parameters) for up to %d steps, %d per epoch.",
-               model.config, f"{models.count_params(host_state.params):,}",
+               model.net, f"{models.count_params(host_state.params):,}",
                schedule.total_steps, schedule.steps_per_epoch)
-  train_metrics, interval_start, confusion = [], time.time(), None
-  data_wait = 0.0  # seconds of this logging interval spent waiting for a batch
-  learning_rate = mapping.replicate(np.float32(schedule_state.learning_rate))
+  loop = _Loop(config, workdir, model, schedule, mapping, checkpointer, writer,
+               mean=mean, std=std)
   try:
-    while step < schedule.total_steps and not schedule_state.stopped:
-      wait_start = time.time()
-      batch = next(train_batches)
-      data_wait += time.time() - wait_start
-      state, metrics = p_train_step(state, batch, replicated_dropout_rng, learning_rate)
-      # One step queued behind the running one at most (none on CPU), so that the wait
-      # above is time the devices had nothing to do, not the host running ahead.
-      jax.block_until_ready(metrics if block_each_step or not train_metrics
-                            else train_metrics[-1])
-      train_metrics.append(metrics)
-      step += 1
-      for hook in hooks:
-        hook(step)
-
-      if step % config.log_every_steps == 0 or step == schedule.total_steps:
-        summary = summarize_train_metrics([mapping.unreplicate(m) for m in train_metrics])
-        elapsed = time.time() - interval_start
-        summary["train_images_per_second"] = len(train_metrics) * config.batch_size / elapsed
-        # Near 0: the devices are the limit; near 1: the host's input pipeline is.
-        summary["train_data_wait_fraction"] = data_wait / elapsed
-        writer.write_scalars(step, summary)
-        check_finite(summary["train_loss"], "training loss", step, workdir, config)
-        train_metrics, interval_start, data_wait = [], time.time(), 0.0
-
-      pause_start = time.time()
-      is_eval = step % schedule.eval_every == 0 or step == schedule.total_steps
-      if is_eval:
-        last_eval, confusion = evaluate(
-            p_eval_step, mapping, state.params,
-            input_pipeline.eval_batches(config))
-        check_finite(last_eval["loss"], "validation loss", step, workdir, config)
-        improved = 1 - last_eval["top1_error"] > best_saved
-        best_saved = max(best_saved, 1 - last_eval["top1_error"])
-        schedule_state = plateau.update(plateau_config, schedule_state,
-                                        1 - last_eval["top1_error"])
-        learning_rate = mapping.replicate(np.float32(schedule_state.learning_rate))
-        writer.write_scalars(step, {f"eval_{k}": v for k, v in last_eval.items()}
-                             | {"epoch": step / schedule.steps_per_epoch,
-                                "plateau_drops": schedule_state.drops})
-      if is_eval or step % schedule.checkpoint_every == 0 or schedule_state.stopped:
-        saved = mapping.unreplicate(state)
-        check_finite(saved.params, "parameters", step, workdir, config)
-        checkpointer.save(step, saved, meta_dict(last_eval), best=is_eval and improved)
-      interval_start += time.time() - pause_start  # throughput counts training only
+    state, progress, confusion, step = loop.run(host_state, progress, dropout_key)
   finally:
     # Also on an exception or interrupt: checkpoints being written are completed.
     checkpointer.wait_until_finished()
     writer.flush()
-
-  if confusion is None:  # a finished run started again: evaluate for the report
-    last_eval, confusion = evaluate(p_eval_step, mapping, state.params,
-                                    input_pipeline.eval_batches(config))
+  if confusion is None:  # a finished run started again: validate for the report
+    progress.last_eval, confusion = validation_metrics(
+        loop.eval_step, mapping, state.params, input_pipeline.eval_batches(config))
   checkpointer.close()
-  writer.flush()
-  if config.final_eval_protocols:  # the paper's protocols (section 3.2) on the last net
-    from vgg_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-    evaluate_lib.evaluate_run(config, workdir, protocols=config.final_eval_protocols)
-  if jax.process_index() == 0:
-    write_final_report(workdir, last_eval, confusion,
-                       class_names=getattr(info, "class_names", None),
-                       title=f"{model.config} on {config.dataset}")
-  logging.info("Finished at step %d: %s", step, last_eval)
-  return dict(last_eval, step=step, learning_rate=schedule_state.learning_rate,
-              plateau_drops=schedule_state.drops)
+  logging.info("Finished at step %d: %s", step, progress.last_eval)
+  return dict(progress.last_eval, confusion=confusion, step=step,
+              learning_rate=progress.schedule.learning_rate,
+              plateau_drops=progress.schedule.drops)
+
+
+class _Loop:
+  """The training loop of one run: steps, logging, validation and checkpoints."""
+
+  def __init__(self, config, workdir, model, schedule, mapping, checkpointer, writer, *,
+               mean, std):
+    self.config, self.workdir, self.model = config, workdir, model
+    self.schedule, self.mapping = schedule, mapping
+    self.checkpointer, self.writer = checkpointer, writer
+    self.mean, self.std = mean, std
+    self.plateau_config = plateau.PlateauConfig.from_config(config)
+    self.train_step, self.eval_step = map_steps(mapping, model, mean=mean, std=std)
+
+  def run(self, host_state: TrainState, progress: Progress, dropout_key: jax.Array
+          ) -> tuple[TrainState, Progress, np.ndarray | None, int]:
+    """Trains from HOST_STATE to the end; returns the state on the devices, the
+    progress, the last validation's confusion matrix (None: no step was left) and the
+    step."""
+    config, schedule, mapping = self.config, self.schedule, self.mapping
+    step = int(host_state.step)
+    state = mapping.replicate(host_state)
+    dropout_key = mapping.replicate(jax.random.key_data(dropout_key))
+    learning_rate = mapping.replicate(np.float32(progress.schedule.learning_rate))
+    batches = mapping.prefetch(
+        input_pipeline.train_batches(config, seed=config.seed, start_step=step),
+        config.prefetch_to_device)
+    hooks = []
+    if jax.process_index() == 0:
+      hooks.append(periodic_actions.ReportProgress(num_train_steps=schedule.total_steps,
+                                                   writer=self.writer))
+      if config.profile:
+        hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=self.workdir))
+    block_each_step = jax.default_backend() == "cpu"  # fake CPU devices can deadlock
+    interval = _Interval()
+    confusion = None
+    while step < schedule.total_steps and not progress.schedule.stopped:
+      wait_start = time.time()
+      batch = next(batches)
+      interval.data_wait += time.time() - wait_start
+      state, metrics = self.train_step(state, batch, dropout_key, learning_rate)
+      # One step queued behind the running one at most (none on CPU), so that the wait
+      # above is time the devices had nothing to do, not the host running ahead.
+      jax.block_until_ready(metrics if block_each_step or not interval.metrics
+                            else interval.metrics[-1])
+      interval.metrics.append(metrics)
+      step += 1
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == schedule.total_steps:
+        self._log(step, interval)
+        interval = _Interval()
+      pause_start = time.time()
+      is_eval = step % schedule.eval_every == 0 or step == schedule.total_steps
+      improved = False
+      if is_eval:
+        improved, confusion = self._validate(step, state, progress)
+        learning_rate = mapping.replicate(np.float32(progress.schedule.learning_rate))
+      if (is_eval or step % schedule.checkpoint_every == 0
+          or progress.schedule.stopped):
+        self._save(step, state, progress, best=improved)
+      interval.start += time.time() - pause_start  # throughput counts training only
+    return state, progress, confusion, step
+
+  def _log(self, step: int, interval: "_Interval") -> None:
+    summary = summarize_train_metrics([self.mapping.unreplicate(m)
+                                       for m in interval.metrics])
+    elapsed = time.time() - interval.start
+    summary["train_images_per_second"] = (len(interval.metrics) * self.config.batch_size
+                                          / elapsed)
+    # Near 0: the devices are the limit; near 1: the host's input pipeline is.
+    summary["train_data_wait_fraction"] = interval.data_wait / elapsed
+    self.writer.write_scalars(step, summary)
+    check_finite(summary["train_loss"], "training loss", step, self.workdir, self.config)
+
+  def _validate(self, step: int, state: TrainState, progress: Progress
+                ) -> tuple[bool, np.ndarray]:
+    """Validates, updates PROGRESS (schedule, best); returns (improved, confusion)."""
+    last_eval, confusion = validation_metrics(
+        self.eval_step, self.mapping, state.params,
+        input_pipeline.eval_batches(self.config))
+    check_finite(last_eval["loss"], "validation loss", step, self.workdir, self.config)
+    accuracy = 1 - last_eval["top1_error"]
+    improved = accuracy > progress.best_accuracy
+    progress.best_accuracy = max(progress.best_accuracy, accuracy)
+    progress.schedule = plateau.update(self.plateau_config, progress.schedule, accuracy)
+    progress.last_eval = last_eval
+    self.writer.write_scalars(step, {f"eval_{k}": v for k, v in last_eval.items()}
+                              | {"epoch": step / self.schedule.steps_per_epoch,
+                                 "plateau_drops": progress.schedule.drops})
+    return improved, confusion
+
+  def _save(self, step: int, state: TrainState, progress: Progress, *,
+            best: bool) -> None:
+    saved = self.mapping.unreplicate(state)
+    check_finite(saved.params, "parameters", step, self.workdir, self.config)
+    meta = progress.to_meta(step=step, config=self.config, model=self.model,
+                            mean=self.mean, std=self.std)
+    self.checkpointer.save(step, saved, meta, best=best)
+
+
+@dataclasses.dataclass
+class _Interval:
+  """A logging interval: its steps' metrics, start time and seconds waiting for data."""
+  metrics: list = dataclasses.field(default_factory=list)
+  start: float = dataclasses.field(default_factory=time.time)
+  data_wait: float = 0.0

@@ -1,0 +1,64 @@
+"""One check of a run's config: every field a run uses, before any data or compilation.
+
+`validate_config` is called by every entry point (`main`, `sweep` for each trial,
+`evaluate`, the benchmark) before it starts work. Each field's owner says what it
+accepts: the nets (`models`), the schedule (`plateau`), the devices (`parallel`), the
+data (`input_pipeline`), the test protocols (`protocols`) and the surgery rules
+(`surgery`); the optimiser's and the loop's fields are checked here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import default
+from vgg_jax import input_pipeline
+from vgg_jax import models
+from vgg_jax import parallel
+from vgg_jax import plateau
+from vgg_jax import protocols
+from vgg_jax import surgery
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field, the value and what it may be."""
+  models.check_knobs(width=config.width, filter_size=config.filter_size,
+                     fc_width=config.fc_width, dropout_rate=config.dropout_rate,
+                     num_classes=config.num_classes or 1)
+  models.kernel_initializer(config.init)
+  models.canonical_name(config.model)
+  input_pipeline.check_data_fields(config)
+  plateau.PlateauConfig.from_config(config)  # learning rate and plateau fields
+  parallel.check_mapping(config.mapping)
+  parallel.check_batch_size(config.batch_size)
+  if config.init_from.checkpoint:
+    surgery.resolve_rule(config.init_from.rule)
+  if config.final_eval_protocols:  # else a typo would surface only after training
+    protocols.parse_protocols(config.final_eval_protocols)
+  if config.dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}.")
+  if not 0 <= config.momentum < 1:
+    raise ValueError(f"momentum must be in [0, 1), got {config.momentum!r}.")
+  if config.weight_decay < 0:
+    raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}.")
+  if config.num_epochs <= 0:
+    raise ValueError(f"num_epochs must be > 0, got {config.num_epochs!r}.")
+  for field, least, optional in (("log_every_steps", 1, False),
+                                 ("keep_checkpoints", 1, False),
+                                 ("prefetch_to_device", 0, False),
+                                 ("eval_every_steps", 1, True),  # None: every epoch
+                                 ("checkpoint_every_steps", 0, True)):  # 0: at evals
+    value = config[field]
+    if not (value is None and optional) and (value is None or value < least):
+      raise ValueError(f"{field} must be at least {least}"
+                       f"{' (or None)' if optional else ''}, got {value!r}.")
+
+
+def frozen_config(stored: dict) -> ml_collections.ConfigDict:
+  """A run's frozen config (its config.json) over today's default config, so that a
+  run written before a field existed still reads with that field's default."""
+  config = default.get_config()
+  config.update(stored)
+  return config
