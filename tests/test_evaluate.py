@@ -20,11 +20,11 @@ import pytest
 
 from vgg_jax import checkpointing
 from vgg_jax import convert
-from vgg_jax import datasets
 from vgg_jax import evaluate
 from vgg_jax import input_pipeline
 from vgg_jax import main
 from vgg_jax import models
+from vgg_jax import pixel_stats
 from vgg_jax import protocols
 import test_train  # pylint: disable=g-bad-import-order  (tests/ is on sys.path)
 
@@ -191,7 +191,7 @@ def test_a_converted_net_gets_its_input_convention(tmp_path):
   net = evaluate.load_net(config, str(tmp_path / "tv"))  # its own net: A, from the meta
   assert (net.model.net, net.model.num_classes, net.config.crop_size) == ("A", 5, 32)
   assert net.config.normalize_std  # the pipeline's std: ImageNet's, torchvision's
-  np.testing.assert_allclose(datasets.mean_values(net.config.mean_rgb),
+  np.testing.assert_allclose(pixel_stats.mean_values(net.config.mean_rgb),
                              (123.675, 116.28, 103.53))
   with pytest.raises(ValueError, match="convention 'keras_caffe' is BGR"):
     evaluate.load_net(config, str(tmp_path / "keras"))
@@ -240,9 +240,9 @@ def test_trained_run_every_protocol_gives_a_table(trained, tmp_path):
 def test_a_net_is_fed_the_normalisation_it_was_trained_with(trained, shapes_folder):
   """mean_rgb="compute" means the training data's statistics, also on other data."""
   config, workdir = trained
-  own = datasets.normalization(config, workdir=workdir)
+  own = pixel_stats.normalization(config, workdir=workdir)
   elsewhere = shapes_config(shapes_folder, mean_rgb="compute", normalize_std=True)
-  assert datasets.normalization(elsewhere) != own
+  assert pixel_stats.normalization(elsewhere) != own
   net = evaluate.load_net(elsewhere, workdir)
   assert net.mean_std == own
   image = next(evaluate.Evaluator(net)._examples("center_crop", 32, "val", None)

@@ -22,6 +22,7 @@ from vgg_jax import datasets
 from vgg_jax import fashion_mnist
 from vgg_jax import input_pipeline as ip
 from vgg_jax import input_pipeline_benchmark as benchmark
+from vgg_jax import pixel_stats
 from vgg_jax import transforms
 
 IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
@@ -102,7 +103,7 @@ def test_gray_dataset_with_one_channel_and_computed_mean(mnist, tmp_path):
   mnist.channels, mnist.mean_rgb, mnist.color_shift_std = 1, "compute", 0.1
   workdir = str(tmp_path / "work")
   os.makedirs(workdir)
-  mean, std = datasets.normalization(mnist, workdir=workdir)
+  mean, std = pixel_stats.normalization(mnist, workdir=workdir)
   with tfds.testing.mock_data(num_examples=40):
     images = np.stack([x["image"] for x in tfds.builder("mnist").as_dataset(
         split="train").as_numpy_iterator()])
@@ -115,14 +116,14 @@ def test_gray_dataset_with_one_channel_and_computed_mean(mnist, tmp_path):
 
 def test_imagenet_mean_and_std_constants(mnist):
   mnist.normalize_std = True
-  mean, std = datasets.normalization(mnist)
+  mean, std = pixel_stats.normalization(mnist)
   assert mean == transforms.IMAGENET_MEAN_RGB and std == transforms.IMAGENET_STD_RGB
 
 
 def test_gray_input_takes_an_rgb_mean_as_its_luma(mnist):
   mnist.channels, mnist.mean_rgb = 1, "123.68,116.78,103.94"
   ip.check_data_fields(mnist)  # accepted
-  mean, _ = datasets.normalization(mnist)
+  mean, _ = pixel_stats.normalization(mnist)
   np.testing.assert_allclose(mean, [np.dot(transforms.GRAY_WEIGHTS, (123.68, 116.78, 103.94))])
   mnist.mean_rgb = "1,2"
   with pytest.raises(ValueError, match=r"needs 3 values \(or 1 with channels=1\)"):
@@ -427,7 +428,7 @@ def test_eval_examples_per_process_shards_are_disjoint(folder, monkeypatch):
 
 def test_folder_mean_is_computed_and_cached_beside_the_data(folder):
   folder.mean_rgb, folder.train_split = "compute", "val"
-  mean, _ = datasets.normalization(folder)
+  mean, _ = pixel_stats.normalization(folder)
   root = folder.dataset[len("folder:"):]
   pixels = np.concatenate([
       tf.io.decode_jpeg(tf.io.read_file(os.path.join(root, "val", c, f"{i}.jpg")))

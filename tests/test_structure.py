@@ -77,7 +77,8 @@ def test_training_is_wired_by_main_only():
   graph = import_graph()
   assert {m for m, deps in graph.items() if "train" in deps} == {"main", "benchmark"}
   assert "evaluate" not in graph["train"] and "train" not in graph["evaluate"]
-  for low in ("models", "transforms", "datasets", "input_pipeline", "metrics"):
+  for low in ("models", "transforms", "datasets", "pixel_stats", "input_pipeline",
+              "metrics"):
     assert not graph[low] & {"train", "evaluate", "main", "sweep", "checkpointing"}, low
 
 

@@ -117,9 +117,9 @@ def count_train_calls(monkeypatch):
   calls = []
   real = train.train_and_evaluate
 
-  def counting(config, workdir):
+  def counting(config, workdir, **kwargs):
     calls.append(os.path.basename(workdir))
-    return real(config, workdir)
+    return real(config, workdir, **kwargs)
   monkeypatch.setattr(train, "train_and_evaluate", counting)
   return calls
 

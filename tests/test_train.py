@@ -18,11 +18,11 @@ import pytest
 
 from configs import default
 from vgg_jax import checkpointing
-from vgg_jax import datasets
 from vgg_jax import evaluate
 from vgg_jax import input_pipeline
 from vgg_jax import main
 from vgg_jax import models
+from vgg_jax import pixel_stats
 from vgg_jax import train
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -188,7 +188,7 @@ def test_evaluation_counts_every_example_once(mnist):
   mapping = parallel.DeviceMapping("pmap")
   model = models.from_config(config, 10)
   state = train.create_train_state(jax.random.key(0), config, model)
-  mean, std = datasets.normalization(config)
+  mean, std = pixel_stats.normalization(config)
   _, p_eval = train.map_steps(mapping, model, mean=mean, std=std)
   metrics, confusion = train.validation_metrics(
       p_eval, mapping, mapping.replicate(state.params), input_pipeline.eval_batches(config))
@@ -247,7 +247,7 @@ def test_the_best_checkpoint_is_the_best_evaluation(mnist, tmp_path, monkeypatch
   assert best["step"] == 4 and best["eval"]["top1_error"] == pytest.approx(1 - 0.5009)
   _, latest = checkpointing.load(str(tmp_path))
   assert latest["best_accuracy"] == pytest.approx(0.5009)
-  mean, std = datasets.normalization(config)  # what evaluation will feed it
+  mean, std = pixel_stats.normalization(config)  # what evaluation will feed it
   assert latest["normalization"] == dict(mean=list(mean), std=list(std))
 
 
@@ -270,9 +270,12 @@ def test_saving_a_step_again_keeps_its_checkpoints(tmp_path):
 def test_a_workdir_resumes_under_another_name_of_its_net(tmp_path):
   config = tiny_config(model="vgg11")
   checkpointing.write_config(str(tmp_path), config.to_json())
-  checkpointing.check_workdir(str(tmp_path), tiny_config(model="A"))  # the same net
+  checkpoints = checkpointing.Checkpointer(str(tmp_path))
+  checkpoints.save(1, {"w": np.zeros(2, np.float32)}, {"step": 1})
+  checkpoints.close()
+  assert checkpointing.check_resume(str(tmp_path), tiny_config(model="A")) == []
   with pytest.raises(ValueError, match="model: 'vgg11' in the workdir, 'B' now"):
-    checkpointing.check_workdir(str(tmp_path), tiny_config(model="B"))
+    checkpointing.check_resume(str(tmp_path), tiny_config(model="B"))
 
 
 def run_main(*args):
@@ -408,6 +411,8 @@ def test_a_workdir_written_before_the_refactor_resumes_and_evaluates(tmp_path):
   config = old_run_config(images)
   resumed = str(tmp_path / "resumed")
   shutil.copytree(OLD_RUN, resumed)
+  stored = checkpointing.read_config(resumed)  # its data, where this test made it
+  checkpointing.write_config(resumed, json.dumps(dict(stored, dataset=config.dataset)))
   result = main.run(config.copy_and_resolve_references(), resumed)
   assert result["step"] == 8
   before = len(read_jsonl(os.path.join(OLD_RUN, "metrics.jsonl")))

@@ -202,6 +202,9 @@ def test_bad_plateau_fields(field, value, message):
     ("keep_checkpoints", 0, "keep_checkpoints must be at least 1, got 0"),
     ("eval_every_steps", 0, r"eval_every_steps must be at least 1 \(or None\), got 0"),
     ("checkpoint_every_steps", -5, "checkpoint_every_steps must be at least 0"),
+    ("shuffle_buffer", -5, "shuffle_buffer must be at least 1, got -5"),
+    ("color_shift_std", -0.1, "color_shift_std must be >= 0"),
+    ("batch_size", 0, "batch_size must be a positive multiple of the 8 devices"),
     ("final_eval_protocols", "dense,multicrop", r"Unknown evaluation protocol\(s\) "
      r"\['multicrop'\]"),
 ])

@@ -13,12 +13,12 @@ On CPU, run it small: `--model=A --width=0.125 --image_size=64 --batch_size=16`.
 import time
 from typing import Sequence
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from configs import default
+from vgg_jax import cli
 from vgg_jax import config_checks
 from vgg_jax import models
 from vgg_jax import parallel
@@ -126,4 +126,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,6 +7,7 @@ Layout of a workdir:
   WORKDIR/config.json               the frozen config of the run
   WORKDIR/metrics.jsonl             its scalars, a JSON object per line
   WORKDIR/final_eval.json           its last evaluation, once it has finished
+  WORKDIR/config_changes.jsonl      config changes a resume made, and the step of each
   WORKDIR/checkpoints/<step>/       the newest few checkpoints (config.keep_checkpoints)
   WORKDIR/checkpoints_best/<step>/  the checkpoint with the best validation accuracy
 
@@ -23,18 +24,23 @@ import os
 import time
 from typing import Any, Iterable, Mapping
 
+from absl import logging
 from clu import metric_writers
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from configs import default
 from vgg_jax import models
 
 LATEST = "checkpoints"
 BEST = "checkpoints_best"
+DAMAGED = "checkpoints_damaged"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
+CHANGES_FILE = "config_changes.jsonl"
 
 
 def _manager(directory: str, max_to_keep: int | None, *, create: bool = True,
@@ -54,10 +60,32 @@ def _manager(directory: str, max_to_keep: int | None, *, create: bool = True,
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def _restore_newest(manager, args) -> tuple[int | None, Any, list[tuple[int, str]]]:
+  """(step, restored items, [(step, error)] of the newer steps that failed) of the newest
+  step of MANAGER that restores; (None, None, []) when it has none. Raises ValueError
+  naming every step and its error when none restores."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, manager.restore(step, args=args), failures
+    except Exception as e:  # pylint: disable=broad-except (orbax, tensorstore, OS, JSON)
+      error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+      logging.warning("Checkpoint step %d in %s does not restore (%s); trying the one "
+                      "before.", step, manager.directory, error)
+      failures.append((step, error))
+  if failures:
+    raise ValueError(
+        f"No checkpoint in {manager.directory} restores: "
+        + "; ".join(f"step {step}: {error}" for step, error in failures)
+        + ". They are damaged, or of another architecture than this run's.")
+  return None, None, []
+
+
 class Checkpointer:
   """Saves a run's checkpoints (the newest few and the best) and restores the newest."""
 
   def __init__(self, workdir: str, keep: int = 3):
+    self._workdir = workdir
     self._latest = _manager(os.path.join(workdir, LATEST), keep, barrier_prefix=LATEST)
     self._best = _manager(os.path.join(workdir, BEST), 1, barrier_prefix=BEST)
 
@@ -75,13 +103,23 @@ class Checkpointer:
       self._best.save(step, args=args, force=True)
 
   def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
-    """(state shaped like `target`, meta) of the newest checkpoint, or None."""
-    step = self._latest.latest_step()
-    if step is None:
-      return None
+    """(state shaped like `target`, meta) of the newest checkpoint that restores, or None
+    when there is none. A damaged newer one is reported (a warning naming its step and
+    error) and moved aside into WORKDIR/checkpoints_damaged/, never deleted; when no
+    checkpoint restores, ValueError lists what was tried."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                              meta=ocp.args.JsonRestore())
+    step, restored, failures = _restore_newest(self._latest, args)
+    if failures and jax.process_count() == 1:  # (several processes: left in place)
+      damaged = os.path.join(self._workdir, DAMAGED)
+      os.makedirs(damaged, exist_ok=True)
+      for failed_step, _ in failures:
+        os.replace(os.path.join(self._workdir, LATEST, str(failed_step)),
+                   os.path.join(damaged, f"{failed_step}.{int(time.time())}"))
+      self._latest.reload()
+    if restored is None:
+      return None
     return restored["state"], restored["meta"]
 
   def wait_until_finished(self) -> None:
@@ -102,8 +140,8 @@ def checkpoint_dir(path: str, *, best: bool = False) -> str:
 def load(path: str, *, step: int | None = None, best: bool = False) -> tuple[Any, dict]:
   """Reads (state, meta) of a saved run as nested dicts of numpy arrays.
 
-  `path` is a workdir or its checkpoints directory; the newest step unless `step` is
-  given (or the best checkpoint with `best=True`). No optimiser or model is needed:
+  `path` is a workdir or its checkpoints directory; the newest step that restores
+  unless `step` is given (or the best checkpoint with `best=True`). No optimiser or model is needed:
   evaluation, surgery and conversion use this to read parameters of any run.
   """
   directory = checkpoint_dir(path, best=best)
@@ -112,12 +150,15 @@ def load(path: str, *, step: int | None = None, best: bool = False) -> tuple[Any
                             f"of a training run (with {LATEST}/ inside) or an orbax "
                             f"checkpoints directory.")
   manager = _manager(directory, None, create=False)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
+  if not manager.all_steps() or (step is not None and step not in manager.all_steps()):
     raise FileNotFoundError(f"No checkpoint{'' if step is None else f' at step {step}'} in "
                             f"{directory!r} (steps there: {list(manager.all_steps())}).")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(),
+                            meta=ocp.args.JsonRestore())
+  if step is None:  # the newest that restores (a damaged newer one: a warning)
+    _, restored, _ = _restore_newest(manager, args)
+  else:
+    restored = manager.restore(step, args=args)
   manager.close()
   state = jax.tree_util.tree_map(np.asarray, restored["state"])
   return state, restored["meta"]
@@ -200,18 +241,74 @@ def config_differences(stored: Mapping, wanted: Mapping, *,
   return out
 
 
-def check_workdir(workdir: str, config) -> None:
-  """Refuses a workdir whose run has another architecture (its checkpoints don't fit)."""
+# Fields whose value does not change what a run computes: where the data is read from,
+# how often the run logs and keeps checkpoints, how far it may go (the epoch cap), what
+# it evaluates at the end, how batches reach the devices (pmap and shard_map agree to
+# float rounding), and what only a fresh start reads (its initialisation). A resume may
+# change them; the change is recorded. Every other field is the recipe.
+RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                         "num_epochs", "final_eval_protocols", "profile",
+                         "prefetch_to_device", "mapping", "distributed", "data_dir",
+                         "manual_dir", "cache", "init", "init_from")
+
+
+def frozen_config(stored: Mapping) -> ml_collections.ConfigDict:
+  """A run's frozen config (its config.json) over today's default config, so that a
+  run written before a field existed reads with that field's default."""
+  config = default.get_config()
+  config.update(dict(stored))
+  return config
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether WORKDIR holds a saved step of a run (a resume, not a fresh start)."""
+  directory = os.path.join(workdir, LATEST)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_resume(workdir: str, config, *, accept_changes: bool = False
+                 ) -> list[tuple[str, Any, Any]]:
+  """Compares CONFIG with the config.json of the run WORKDIR holds, before resuming it.
+
+  A workdir without a checkpoint holds nothing to resume: any config may start there.
+  Otherwise another architecture is refused (its checkpoints don't fit), and so is any
+  change of the recipe (every field but RESULT_NEUTRAL_FIELDS) unless ACCEPT_CHANGES.
+  Returns the differences, (field, stored value, new value), to `record_changes`.
+  """
   previous = read_config(workdir)
-  if previous is None:
-    return
+  if previous is None or not has_checkpoint(workdir):
+    return []
+  wanted = json.loads(config.to_json_best_effort())
   differ = [f"{k}: {a!r} in the workdir, {b!r} now" for k, a, b in
-            models.architecture_differences(previous, config.to_dict())]
+            models.architecture_differences(previous, wanted)]
   if differ:
     raise ValueError(
         f"The workdir {workdir!r} holds a run of another architecture ("
         + "; ".join(differ) + "). Resume it with its own config "
         f"({os.path.join(workdir, CONFIG_FILE)}) or use a new --workdir.")
+  stored = json.loads(frozen_config(previous).to_json_best_effort())
+  changes = [(k, a, b) for k, a, b in config_differences(stored, wanted)
+             if k.split(".")[0] not in models.ARCHITECTURE_FIELDS]
+  recipe = [f"{k}: {a!r} in the workdir, {b!r} now" for k, a, b in changes
+            if k.split(".")[0] not in RESULT_NEUTRAL_FIELDS]
+  if recipe and not accept_changes:
+    raise ValueError(
+        f"The workdir {workdir!r} holds a run of another recipe (" + "; ".join(recipe)
+        + "): resuming it so would not continue the same run. Resume it with its own "
+        f"config ({os.path.join(workdir, CONFIG_FILE)}), use a new --workdir, or pass "
+        f"--accept_config_changes to go on with the new values (recorded in "
+        f"{os.path.join(workdir, CHANGES_FILE)}).")
+  return changes
+
+
+def record_changes(workdir: str, step: int, changes: list[tuple[str, Any, Any]]) -> None:
+  """Appends to WORKDIR/config_changes.jsonl the config changes that take effect at STEP
+  (a resume with another config): {"step", "time", "changes": {field: [old, new]}}."""
+  if not changes:
+    return
+  with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+    f.write(json.dumps(dict(step=int(step), time=time.time(),
+                            changes={k: [a, b] for k, a, b in changes})) + "\n")
 
 
 class JsonlWriter(metric_writers.interface.MetricWriter):

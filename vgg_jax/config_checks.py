@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import default
 from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import parallel
@@ -26,7 +25,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field, the value and what it may be."""
   models.check_knobs(width=config.width, filter_size=config.filter_size,
                      fc_width=config.fc_width, dropout_rate=config.dropout_rate,
-                     num_classes=config.num_classes or 1)
+                     num_classes=1 if config.num_classes is None else config.num_classes)
   models.kernel_initializer(config.init)
   models.canonical_name(config.model)
   input_pipeline.check_data_fields(config)
@@ -45,8 +44,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f"num_epochs must be > 0, got {config.num_epochs!r}.")
+  if config.color_shift_std < 0:
+    raise ValueError(f"color_shift_std must be >= 0 (0 turns the colour shift off), got "
+                     f"{config.color_shift_std!r}.")
   for field, least, optional in (("log_every_steps", 1, False),
                                  ("keep_checkpoints", 1, False),
+                                 ("shuffle_buffer", 1, False),
                                  ("prefetch_to_device", 0, False),
                                  ("eval_every_steps", 1, True),  # None: every epoch
                                  ("checkpoint_every_steps", 0, True)):  # 0: at evals
@@ -54,11 +57,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not (value is None and optional) and (value is None or value < least):
       raise ValueError(f"{field} must be at least {least}"
                        f"{' (or None)' if optional else ''}, got {value!r}.")
-
-
-def frozen_config(stored: dict) -> ml_collections.ConfigDict:
-  """A run's frozen config (its config.json) over today's default config, so that a
-  run written before a field existed still reads with that field's default."""
-  config = default.get_config()
-  config.update(stored)
-  return config

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_jax import checkpointing
+from vgg_jax import cli
 from vgg_jax import models
 
 Params = dict[str, dict[str, np.ndarray]]
@@ -408,10 +409,17 @@ def convert_file(source_format: str, model: str, input_path: str,
     raise FileNotFoundError(f"No such weights file: {input_path!r}.")
   if output is not None:
     checkpointing.check_output_free(output)
-  if source_format == "torchvision":
-    params = convert_torchvision(read_torchvision(input_path), model)
-  else:
-    params = convert_keras(input_path, model)
+  try:
+    weights = (read_torchvision(input_path) if source_format == "torchvision"
+               else read_keras(input_path))
+  except (ImportError, ValueError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except (pickle, HDF5, safetensors, zip)
+    raise ValueError(f"Cannot read {input_path!r} as {source_format} weights "
+                     f"({type(e).__name__}: {e}). Give the file as its source saved it "
+                     f"(torchvision: .pth or .safetensors; Keras: .h5 or .keras).") from e
+  params = (convert_torchvision(weights, model) if source_format == "torchvision"
+            else convert_keras(weights, model))
   params = jax.tree_util.tree_map(np.ascontiguousarray, params)
   meta = converted_architecture(params, model)
   convention = dict(CONVENTIONS[source_format])
@@ -454,4 +462,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

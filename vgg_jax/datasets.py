@@ -1,4 +1,4 @@
-"""Datasets (section 3.1's data): where a config's images come from, and their statistics.
+"""Datasets (section 3.1's data): where a config's images come from.
 
 Sources, chosen by `config.dataset`:
   * any TFDS image-classification dataset by name ("cifar10", "imagenet2012", ...);
@@ -12,10 +12,7 @@ TFDS datasets by record from their ArrayRecord files (`tfds.data_source`). A lar
 dataset prepared in the older TFRecord format can only be streamed in order
 (`SplitData.stream`; a warning says how to prepare it as ArrayRecord).
 
-Statistics: `normalization` is the (mean, std) per channel the net's input is
-normalised with: ImageNet's, given numbers, or the training split's own pixels
-(`training_mean`, computed once and cached beside the data).
-
+The pixel statistics of a dataset (the input normalisation) are `vgg_jax.pixel_stats`.
 `vgg_jax.input_pipeline` turns a split's examples into batches. To prepare a dataset
 ahead of a run (e.g. ImageNet from its manual download):
 
@@ -27,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import hashlib
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -37,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import cli
 from vgg_jax import fashion_mnist  # registers the fashion_mnist_local builder
 from vgg_jax import transforms
 
@@ -75,64 +73,6 @@ def dataset_info(config) -> DatasetInfo:
                      num_train=source.num_examples(config.train_split),
                      num_eval=source.num_examples(config.eval_split),
                      class_names=source.class_names)
-
-
-
-def mean_values(mean_rgb) -> tuple[float, ...]:
-  """Numbers of a mean_rgb field: a sequence, or a string like '123.68,116.78,103.94'.
-
-  (A string, so that the field keeps one type and command lines can set it.)
-  """
-  if isinstance(mean_rgb, str):
-    mean_rgb = [v for v in mean_rgb.strip("()[] ").split(",") if v.strip()]
-  return tuple(float(v) for v in mean_rgb)
-
-
-def normalization(config, workdir: str | None = None):
-  """(mean, std or None) per channel on the 0..255 scale, from `config.mean_rgb`."""
-  if config.mean_rgb == "compute":
-    stats = training_mean(config, workdir=workdir)
-    mean, std = stats["mean"], stats["std"]
-  else:
-    mean = (transforms.IMAGENET_MEAN_RGB if config.mean_rgb == "imagenet"
-            else mean_values(config.mean_rgb))
-    std = transforms.IMAGENET_STD_RGB
-    if config.channels == 1 and len(mean) == 3:
-      mean = (float(np.dot(transforms.GRAY_WEIGHTS, mean)),)
-    if config.channels == 1:
-      std = (float(np.dot(transforms.GRAY_WEIGHTS, std)),)
-  return tuple(mean), (tuple(std) if config.normalize_std else None)
-
-
-def training_mean(config, workdir: str | None = None) -> dict:
-  """{'mean', 'std'} per channel of the training split's pixels (0..255), computed once.
-
-  Cached as JSON beside the data when that is writable, else in WORKDIR.
-  """
-  source = dataset_source(config)
-  name = f"vgg_jax_mean_{_safe_name(config.train_split)}_{config.channels}ch.json"
-  paths = [os.path.join(d, name) for d in (source.cache_dir, workdir) if d]
-  for path in paths:
-    if os.path.exists(path):
-      with open(path) as f:
-        stats = json.load(f)
-      if stats.get("num_examples") == source.num_examples(config.train_split):
-        return stats
-  data = source.split_data(config.train_split)
-  stats = _pixel_statistics(data, config.channels)
-  logging.info("Mean and std of %s %s (%d images): %s", config.dataset,
-               config.train_split, data.num_examples, stats)
-  for path in paths:
-    try:
-      # Written aside and renamed: several processes may compute and cache at once,
-      # and none may read a half-written file.
-      with tfds.core.utils.atomic_write(path, "w") as f:
-        json.dump(stats, f)
-      logging.info("Cached them in %s.", path)
-      break
-    except OSError:
-      continue
-  return stats
 
 
 
@@ -185,6 +125,7 @@ class Source:
   num_examples: Callable[[str], int]
   split_data: Callable[[str], SplitData]
   cache_dir: str | None
+  fingerprint: Callable[[str], str]  # split -> what identifies its data (for caches)
 
 
 def dataset_source(config) -> Source:
@@ -242,9 +183,18 @@ def _folder_source(root: str, cache: bool) -> Source:
       return SplitData("encoded", len(paths), items, labels)
     return SplitData("path", len(paths), paths, labels)
 
+  def fingerprint(split):
+    paths, labels = files(split)
+    digest = hashlib.sha256()
+    for path, label in zip(paths, labels):
+      stat = os.stat(path)
+      digest.update(f"{os.path.relpath(path, root)}|{label}|{stat.st_size}|"
+                    f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
   return Source(f"folder:{root}", len(class_names), class_names,
                 lambda split: len(files(split)[0]), functools.lru_cache(None)(split_data),
-                cache_dir=root)
+                cache_dir=root, fingerprint=fingerprint)
 
 
 def _folder_split_dir(root: str, split: str, splits: Sequence[str]) -> str:
@@ -310,7 +260,8 @@ def _tfds_source(name: str, data_dir, manual_dir, cache: bool) -> Source:
 
   cache_dir = builder.data_dir if os.path.isdir(builder.data_dir) else None
   return Source(name, label_feature.num_classes, tuple(label_feature.names or ()) or None,
-                num_examples, functools.lru_cache(None)(split_data), cache_dir)
+                num_examples, functools.lru_cache(None)(split_data), cache_dir,
+                fingerprint=lambda split: f"{info.full_name}:{split}:{num_examples(split)}")
 
 
 def _tfds_records(builder, split, image_key, label_key) -> tf.data.Dataset:
@@ -418,48 +369,11 @@ def looked_up(ds: tf.data.Dataset, data: SplitData) -> tf.data.Dataset:
 
 
 
-def _pixel_statistics(data: SplitData, channels: int) -> dict:
-  """Mean and std per channel over all pixels of a split (undecodable images left out)."""
-  total, squares, count = np.zeros(channels), np.zeros(channels), 0
-  if data.kind == "pixels" and data.items.shape[-1] in (1, channels):
-    for start in range(0, data.num_examples, 4096):
-      pixels = data.items[start:start + 4096].reshape(-1, data.items.shape[-1])
-      pixels = pixels.astype(np.float64)
-      total += pixels.sum(0)                 # gray replicated to RGB: the same per channel
-      squares += (pixels ** 2).sum(0)
-      count += len(pixels)
-  else:
-    def sums(example):
-      image = data.load(example["item"], channels)
-      pixels = tf.reshape(tf.cast(image, tf.float64), [-1, channels])
-      return (tf.reduce_sum(pixels, 0), tf.reduce_sum(pixels ** 2, 0),
-              tf.cast(tf.shape(pixels)[0], tf.float64))
-    ds = _all_examples(data).map(sums, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors(log_warning=True)
-    for s, q, n in ds.with_options(tf_options()).as_numpy_iterator():
-      total, squares, count = total + s, squares + q, count + n
-  mean = total / max(count, 1)
-  std = np.sqrt(np.maximum(squares / max(count, 1) - mean ** 2, 0))
-  return {"mean": mean.tolist(), "std": std.tolist(), "num_examples": data.num_examples}
-
-
-def _all_examples(data: SplitData) -> tf.data.Dataset:
-  """Every example of a split, in order (all processes compute the same statistics)."""
-  if data.kind == "stream":
-    return data.stream().map(lambda item, label: {"item": item, "label": label})
-  return looked_up(tf.data.Dataset.range(data.num_examples).map(lambda i: {"index": i}),
-                   data)
-
-
 def usable_cores() -> int:
   """The cores this process may run on (fewer than the machine's when pinned)."""
   if hasattr(os, "sched_getaffinity"):
     return len(os.sched_getaffinity(0))
   return os.cpu_count() or 1
-
-
-def _safe_name(split: str) -> str:
-  return "".join(c if c.isalnum() else "_" for c in split)
 
 
 def tf_options() -> tf.data.Options:
@@ -487,7 +401,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("dataset", "imagenet2012", "A TFDS name, fashion_mnist_local, or "
                       "folder:<dir>.")
@@ -495,4 +408,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("manual_dir", None, "Where ILSVRC2012_img_{train,val}.tar are.")
   flags.DEFINE_list("splits", ["train", "validation"], "Splits whose sizes to print.")
   FLAGS = flags.FLAGS
-  app.run(main)
+  cli.run(main)

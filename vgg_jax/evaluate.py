@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from vgg_jax import checkpointing
+from vgg_jax import cli
 from vgg_jax import config_checks
 from vgg_jax import convert
 from vgg_jax import datasets
@@ -387,13 +388,17 @@ def main(argv: Sequence[str]) -> None:
   missing = [p for p in runs if not os.path.isdir(p)]
   if missing:
     raise app.UsageError(f"No such run directory: {', '.join(map(repr, missing))}.")
-  config = FLAGS.config
+  config = cli.config_flag()
   if config is None:
     frozen = checkpointing.read_config(runs[0])
     if frozen is None:
       raise app.UsageError("Give --config: the run has no config.json.")
-    config = config_checks.frozen_config(frozen)
-  scales = [int(q) for q in FLAGS.scales] if FLAGS.scales else None
+    config = checkpointing.frozen_config(frozen)
+  try:
+    scales = [int(q) for q in FLAGS.scales] if FLAGS.scales else None
+  except ValueError as e:
+    raise ValueError(f"--scales must be whole numbers of pixels (test scales Q, e.g. "
+                     f"256,384,512), got {','.join(FLAGS.scales)}.") from e
   evaluate_run(config, FLAGS.workdir, protocols=FLAGS.protocol, scales=scales,
                checkpoints=checkpoints, split=FLAGS.split, batch_size=FLAGS.batch_size,
                best=FLAGS.best)
@@ -420,4 +425,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   _define_flags()
   jax.config.config_with_absl()
-  app.run(main)
+  cli.run(main)

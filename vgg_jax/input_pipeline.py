@@ -36,9 +36,11 @@ import numpy as np
 import tensorflow as tf
 
 from vgg_jax import datasets
+from vgg_jax import pixel_stats
 from vgg_jax import transforms
 
 _SHUFFLE_SALT = 0x5EED5
+PROBE_SIZE = 64  # images decoded before a run starts: a split that doesn't decode fails
 
 
 # ------------------------------------------------------------------ the public contract
@@ -142,7 +144,7 @@ def eval_examples(config, *, scale: int, split: str | None = None,
   """
   check_data_fields(config)
   data = datasets.dataset_source(config).split_data(split or config.eval_split)
-  mean, std = mean_std or datasets.normalization(config, workdir=workdir)
+  mean, std = mean_std or pixel_stats.normalization(config, workdir=workdir)
 
   def transform(example):
     if crop_size:
@@ -181,6 +183,31 @@ def bucket_by_shape(ds: tf.data.Dataset,
 # ---------------------------------------------------------------------- configuration
 
 
+def check_decodable(config, split: str, sample: int = PROBE_SIZE) -> None:
+  """Decodes the first SAMPLE images of SPLIT; raises ValueError, naming some of them,
+  when more than half fail. (Training would otherwise run on copies of the few that
+  decode, or wait forever for one when none does.)"""
+  data = datasets.dataset_source(config).split_data(split)
+  if data.kind in ("pixels", "stream"):  # decoded already, or by TFDS as it prepared
+    return
+  n = min(sample, data.num_examples)
+
+  def decode(example):
+    return {"pixels": tf.size(data.load(example["item"], config.channels))}
+
+  ds = datasets.looked_up(tf.data.Dataset.range(n).map(lambda i: {"index": i}), data)
+  valid = np.array([x["valid"] for x in
+                    _map_keeping_slots(ds, decode, n).as_numpy_iterator()], bool)
+  failed = np.flatnonzero(~valid)
+  if 2 * len(failed) > n:
+    names = ([str(data.items[i]) for i in failed[:3]] if data.kind == "path"
+             else [f"example {i}" for i in failed[:3]])
+    raise ValueError(
+        f"{len(failed)} of the first {n} images of {config.dataset} (split {split!r}) "
+        f"do not decode, e.g. {', '.join(names)}. Replace them with JPEG, PNG, BMP or "
+        f"GIF files, or check config.dataset.")
+
+
 def check_data_fields(config) -> None:
   """Raises ValueError naming the problem and the fix for an inconsistent data config."""
   problems = []
@@ -197,7 +224,7 @@ def check_data_fields(config) -> None:
                     "Q must be at least the crop size")
   if config.mean_rgb not in ("imagenet", "compute"):
     try:
-      mean = datasets.mean_values(config.mean_rgb)
+      mean = pixel_stats.mean_values(config.mean_rgb)
       if len(mean) not in (config.channels, 3):  # gray input: one mean, or RGB's three
         problems.append(f"mean_rgb={config.mean_rgb!r} needs 3 values (or 1 with "
                         f"channels=1)")

@@ -33,12 +33,12 @@ import tempfile
 import time
 import zipfile
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
 
 from configs import default
+from vgg_jax import cli
 from vgg_jax import datasets
 from vgg_jax import input_pipeline
 from vgg_jax import transforms
@@ -264,4 +264,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from vgg_jax import checkpointing
+from vgg_jax import cli
 from vgg_jax import config_checks
 from vgg_jax import datasets
 from vgg_jax import evaluate
@@ -26,10 +27,12 @@ from vgg_jax import train
 FLAGS = flags.FLAGS
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        accept_config_changes: bool = False) -> dict:
   """One run, as this command does it (and `vgg_jax.sweep` for each trial).
 
-  1. training, resumed from WORKDIR's checkpoints (`train.train_and_evaluate`);
+  1. training, resumed from WORKDIR's checkpoints (`train.train_and_evaluate`; a
+     resume with another recipe needs ACCEPT_CONFIG_CHANGES);
   2. the test protocols of config.final_eval_protocols on the last net (section 3.2,
      `evaluate.evaluate_run`: WORKDIR/eval_table.md);
   3. the report: WORKDIR/final_eval.json (which marks the run finished), the learning
@@ -37,7 +40,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns training's final metrics (see `train.train_and_evaluate`).
   """
   config_checks.validate_config(config)
-  result = train.train_and_evaluate(config, workdir)
+  result = train.train_and_evaluate(config, workdir,
+                                    accept_config_changes=accept_config_changes)
   if config.final_eval_protocols:
     evaluate.evaluate_run(config, workdir, protocols=config.final_eval_protocols)
   if jax.process_index() == 0:
@@ -53,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
+  config = cli.config_flag()
   if config.distributed:
     # Every process runs this same command. On CPUs, collectives across processes
     # need gloo (GPUs and TPUs have their own).
@@ -63,7 +67,7 @@ def main(argv):
                                process_id=FLAGS.process_id)
   logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
-  run(config, FLAGS.workdir)
+  run(config, FLAGS.workdir, accept_config_changes=FLAGS.accept_config_changes)
 
 
 def _define_flags() -> None:
@@ -73,6 +77,9 @@ def _define_flags() -> None:
       "config", None, "A config file under configs/, e.g. configs/vgg16.py.",
       lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_bool("accept_config_changes", False, "Resume a run with another recipe "
+                    "(seed, data, optimiser, ...) than its own; the changes are recorded "
+                    "in WORKDIR/config_changes.jsonl.")
   # Multi-host launch (with --config.distributed=True). Left unset, JAX detects them on
   # SLURM, Open MPI, TPU pods and Kubernetes, or reads JAX_COORDINATOR_ADDRESS.
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -83,4 +90,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   _define_flags()
   jax.config.config_with_absl()
-  app.run(main)
+  cli.run(main)

@@ -36,7 +36,10 @@ def check_mapping(mapping: str) -> None:
 def check_batch_size(global_batch: int, *, what: str = "config.batch_size") -> int:
   """Returns the per-device batch; raises if the devices do not divide the batch."""
   devices = jax.device_count()
-  if global_batch < 1 or global_batch % devices:
+  if global_batch < 1:
+    raise ValueError(f"{what} must be a positive multiple of the {devices} devices, got "
+                     f"{global_batch}.")
+  if global_batch % devices:
     raise ValueError(
         f"{what}={global_batch} is not divisible by the {devices} devices "
         f"({jax.process_count()} process(es) x {jax.local_device_count()} local): pick a "

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from vgg_jax import checkpointing
+from vgg_jax import cli
 from vgg_jax import models
 from vgg_jax import plots
 from vgg_jax import summary
@@ -270,6 +271,9 @@ REPORT_FILES = ("report.md", "error_vs_depth.png", "error_vs_filter_size.png",
 
 def write_report(sweep_dir: str, title: str = "") -> str:
   """Writes report.md and the three plots into SWEEP_DIR; returns the markdown."""
+  if not os.path.isdir(sweep_dir):
+    raise FileNotFoundError(f"No sweep directory {sweep_dir!r}: give the --workdir of a "
+                            f"vgg_jax.sweep run.")
   trials = read_sweep(sweep_dir)
   if not trials:
     raise ValueError(f"No trials (directories with a config.json, or a sweep.json) in "
@@ -307,4 +311,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

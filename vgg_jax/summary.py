@@ -39,6 +39,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vgg_jax import cli
 from vgg_jax import models
 
 _POOL_WINDOW = 2
@@ -261,4 +262,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

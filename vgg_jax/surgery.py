@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_jax import checkpointing
+from vgg_jax import cli
 from vgg_jax import models
 
 Params = Any
@@ -334,7 +335,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax's info logs would bury the report
     logging.set_verbosity(logging.WARNING)
   checkpointing.check_output_free(FLAGS.output)
-  params, meta, report = graft(FLAGS.source, FLAGS.config, rule=FLAGS.rule,
+  params, meta, report = graft(FLAGS.source, cli.config_flag(), rule=FLAGS.rule,
                                seed=FLAGS.seed)
   directory = checkpointing.save_params(FLAGS.output, params, meta)
   print(report.format())
@@ -356,4 +357,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -36,6 +36,7 @@ from absl import logging
 import ml_collections
 
 from vgg_jax import checkpointing
+from vgg_jax import cli
 from vgg_jax import config_checks
 from vgg_jax import main as main_lib
 
@@ -377,4 +378,4 @@ if __name__ == "__main__":
   # Run through the imported module, so that sweep files share its Sweep class.
   from vgg_jax import sweep as _sweep  # pylint: disable=g-import-not-at-top
   _sweep.define_flags()
-  app.run(_sweep.main)
+  cli.run(_sweep.main)

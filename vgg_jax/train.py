@@ -31,6 +31,7 @@ from vgg_jax import input_pipeline
 from vgg_jax import metrics as metrics_lib
 from vgg_jax import models
 from vgg_jax import parallel
+from vgg_jax import pixel_stats
 from vgg_jax import plateau
 from vgg_jax import surgery
 
@@ -194,11 +195,16 @@ def check_finite(values: Any, what: str, step: int, workdir: str, config) -> Non
 
 def with_num_classes(config: ml_collections.ConfigDict,
                      info: datasets.DatasetInfo) -> ml_collections.ConfigDict:
-  """A copy of CONFIG whose num_classes, if left None, is the dataset's."""
+  """A copy of CONFIG whose num_classes, if left None, is the dataset's; another number
+  than the dataset's is refused."""
+  if config.num_classes not in (None, info.num_classes):
+    raise ValueError(
+        f"num_classes={config.num_classes}, but {config.dataset} has {info.num_classes} "
+        f"classes: set --config.num_classes={info.num_classes}, or leave it unset to "
+        f"take the dataset's.")
   config = config.copy_and_resolve_references()
-  if config.num_classes is None:
-    with config.unlocked():
-      config.num_classes = info.num_classes
+  with config.unlocked():
+    config.num_classes = info.num_classes
   return config
 
 
@@ -260,30 +266,42 @@ def restore_or_initialize(config, checkpointer: checkpointing.Checkpointer,
 # ---------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       accept_config_changes: bool = False) -> dict:
   """Trains until the plateau schedule or the epoch cap ends it; resumes from WORKDIR.
 
+  A resume with another recipe than the run's is refused unless ACCEPT_CONFIG_CHANGES
+  (`checkpointing.check_resume`). Nothing is written to WORKDIR before the config has
+  been checked against the run there, the data and the checkpoints.
   Returns the last validation metrics (loss, top1_error, top5_error, examples), the
   confusion matrix of that validation ("confusion"), the step, the learning rate and
   the number of plateau drops.
   """
   config_checks.validate_config(config)
-  checkpointing.check_workdir(workdir, config)  # before the data, which may take long
+  checkpointing.check_resume(workdir, config,  # before the data, which may take long
+                             accept_changes=accept_config_changes)
   info = datasets.dataset_info(config)
   config = with_num_classes(config, info)
-  checkpointing.check_workdir(workdir, config)  # again, with the dataset's num_classes
-  if jax.process_index() == 0:
-    checkpointing.write_config(workdir, config.to_json_best_effort(indent=2))
-
+  changes = checkpointing.check_resume(workdir, config,  # with the dataset's classes
+                                       accept_changes=accept_config_changes)
+  if info.num_train < config.batch_size:
+    logging.warning("%s %s has %d images, fewer than one batch (%d): every batch repeats "
+                    "some of them.", config.dataset, config.train_split, info.num_train,
+                    config.batch_size)
+  input_pipeline.check_decodable(config, config.train_split)
+  input_pipeline.check_decodable(config, config.eval_split)
   model = models.from_config(config)
   schedule = Schedule.create(config, info.num_train)
   mapping = parallel.DeviceMapping(config.mapping)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  writer = checkpointing.metric_writer(workdir)
   init_key, dropout_key = models.seed_keys(config.seed)
   host_state, progress = restore_or_initialize(
       config, checkpointer, create_train_state(init_key, config, model))
-  mean, std = datasets.normalization(config, workdir=workdir)
+  mean, std = pixel_stats.normalization(config, workdir=workdir)
+  if jax.process_index() == 0:
+    checkpointing.write_config(workdir, config.to_json_best_effort(indent=2))
+    checkpointing.record_changes(workdir, int(host_state.step), changes)
+  writer = checkpointing.metric_writer(workdir)
   logging.info("Training %s (%s parameters) for up to %d steps, %d per epoch.",
                model.net, f"{models.count_params(host_state.params):,}",
                schedule.total_steps, schedule.steps_per_epoch)
