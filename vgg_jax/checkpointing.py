@@ -110,7 +110,7 @@ class Checkpointer:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                               meta=ocp.args.JsonRestore())
-    step, restored, failures = _restore_newest(self._latest, args)
+    _, restored, failures = _restore_newest(self._latest, args)
     if failures and jax.process_count() == 1:  # (several processes: left in place)
       damaged = os.path.join(self._workdir, DAMAGED)
       os.makedirs(damaged, exist_ok=True)
@@ -209,13 +209,18 @@ def write_config(workdir: str, config_json: str) -> None:
   os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
-def read_config(workdir: str) -> dict | None:
-  """The run's frozen config as a dict; None when WORKDIR has none."""
-  path = os.path.join(workdir, CONFIG_FILE)
+def _read_json(workdir: str, name: str) -> dict | None:
+  """WORKDIR/NAME as a dict; None when there is no such file."""
+  path = os.path.join(workdir, name)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def read_config(workdir: str) -> dict | None:
+  """The run's frozen config as a dict; None when WORKDIR has none."""
+  return _read_json(workdir, CONFIG_FILE)
 
 
 # Fields that a run fills in from the dataset when its config leaves them None: a stored
@@ -378,8 +383,4 @@ def write_final_eval(workdir: str, eval_metrics: dict, confusion: np.ndarray) ->
 
 def read_final_eval(workdir: str) -> dict | None:
   """WORKDIR/final_eval.json as a dict; None while the run has not finished."""
-  path = os.path.join(workdir, FINAL_EVAL_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(workdir, FINAL_EVAL_FILE)
