@@ -5,18 +5,25 @@ Tiny nets on real image files over eight fake CPU devices; the commands as a use
 them (subprocesses), for their exit status and message.
 """
 
+import glob
+import importlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
+from configs import default
 from vgg_jax import checkpointing
+from vgg_jax import config_checks
 from vgg_jax import datasets
+from vgg_jax import input_pipeline
 from vgg_jax import pixel_stats
 from vgg_jax import train
 import test_train  # pylint: disable=g-bad-import-order  (tests/ is on sys.path)
@@ -229,6 +236,58 @@ def test_a_folder_of_undecodable_images_fails_at_once_and_leaves_no_trace(tmp_pa
   assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
 
 
+def test_a_tfds_dataset_that_needs_a_download_fails_at_once_offline(tmp_path, monkeypatch):
+  def no_network(host, *args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, f"{host}: Name or service not known")
+  monkeypatch.setattr(socket, "getaddrinfo", no_network)
+  config = small_run_config("unused", dataset="mnist", data_dir=str(tmp_path / "tfds"))
+  signal.signal(signal.SIGALRM, lambda *_: pytest.fail("hung downloading offline"))
+  signal.alarm(60)  # TFDS's own retries take minutes per file
+  try:
+    with pytest.raises(OSError, match=r"(?s)Could not prepare the TFDS dataset 'mnist' .*"
+                       r"python -m vgg_jax.datasets --dataset=mnist --data_dir="):
+      datasets.dataset_source(config)
+  finally:
+    signal.alarm(0)
+
+
+def test_tiny_images_are_legal_but_warned_about(tmp_path, caplog):
+  sizes = {"tiny": 1, "small": 28}
+  for name, side in sizes.items():
+    for split in ("train", "val"):
+      for k in range(2):
+        os.makedirs(tmp_path / name / split / f"class_{k}")
+        Image.fromarray(np.full((side, side), 50 * k, np.uint8)).save(
+            tmp_path / name / split / f"class_{k}" / "0.png")
+  warned = {}
+  for name in sizes:
+    caplog.clear()
+    config = small_run_config(str(tmp_path / name), eval_split="val", channels=1)
+    input_pipeline.check_images(config, "train")  # no error: the images decode
+    warned[name] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert not warned["small"]  # 28 pixels, enlarged to S=32
+  assert warned["tiny"] == [f"2 of the first 2 images of folder:{tmp_path / 'tiny'} "
+                            "(split 'train') have a side of 1 pixels or less, to be "
+                            "enlarged to S=32: check config.dataset and the scales."]
+
+
+def test_fields_set_but_unused_are_listed():
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "[!_]*.py"))):
+    name = os.path.splitext(os.path.basename(path))[0]  # shipped configs use all they set
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config_checks.unused_fields(config) == [], name
+  config = default.get_config()
+  config.update({"dataset": "folder:/images", "data_dir": "/tfds", "nesterov": True,
+                 "momentum": 0.0, "channels": 1})
+  config.init_from.rule = "net_b"
+  assert config_checks.unused_fields(config) == [
+      "init_from.rule='net_b' is unused without init_from.checkpoint, and not a rule of "
+      "vgg_jax.surgery.RULES either",
+      "data_dir='/tfds' is unused with an image folder (config.dataset='folder:/images')",
+      "nesterov=True is unused with momentum=0",
+      "color_shift_std=0.1 is unused with channels=1 (the colour shift is for RGB)"]
+
+
 def test_statistics_of_replaced_images_are_computed_again(tmp_path):
   images = test_train.write_random_image_folder(str(tmp_path / "images"),
                                                 (("train", 20), ("val", 4)), 2)
@@ -237,7 +296,6 @@ def test_statistics_of_replaced_images_are_computed_again(tmp_path):
   # The same number of files, other pixels (as when a folder is regenerated).
   for directory, _, files in os.walk(os.path.join(images, "train")):
     for name in files:
-      from PIL import Image  # pylint: disable=g-import-not-at-top
       Image.fromarray(np.full((28, 28), 7, np.uint8)).save(os.path.join(directory, name))
   datasets._cached_source.cache_clear()  # pylint: disable=protected-access
   second = pixel_stats.training_mean(config)

@@ -289,7 +289,7 @@ def test_report_tables_and_plots_from_metric_files(tmp_path):
           in text), text
   assert "| C | 0/1 | – | – | – | – | – | – | – |" in text
   assert "| C-s0 | C | 0 | 0 | not started | not started |" in text
-  assert f"| B filter 7 | 1/2 | 13 | 7x7 | 9.00 | 0.50 | " in text
+  assert "| B filter 7 | 1/2 | 13 | 7x7 | 9.00 | 0.50 | " in text
   assert f"{macs_b7:,} | 0.5 |" in text  # 30 s of records: 0.5 min
   assert "| B_filter_7-s1 | B filter 7 | 1 | 200 | unfinished |" in text
   with open(os.path.join(root, "report.md")) as f:

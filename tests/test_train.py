@@ -330,7 +330,8 @@ def test_two_processes_match_one_process(tmp_path):
   orders the devices process by process, and each process feeds its slice of every
   global batch, so every device sees the same images and dropout key in both runs.
   Both processes save checkpoints (newest and best) at once, and the paper's dense
-  evaluation afterwards splits the images between them."""
+  evaluation afterwards splits the images between them. A damaged newest checkpoint is
+  moved aside once, and both processes resume from the one before."""
   if not os.path.isdir(FASHION_MNIST):
     pytest.skip("Debian's dataset-fashion-mnist is not installed")
   folder = tmp_path / "images"
@@ -346,18 +347,22 @@ def test_two_processes_match_one_process(tmp_path):
         cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-  port = free_port()
-  processes = [launch(tmp_path / "two", 2, "--config.distributed=True",
-                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                      f"--process_id={i}") for i in range(2)]
-  single = launch(tmp_path / "one", 4)
-  try:
-    for p in processes + [single]:
-      output, _ = p.communicate(timeout=300)
-      assert p.returncode == 0, output[-3000:]
-  finally:
-    for p in processes + [single]:
-      p.kill()
+  def launch_two_processes():
+    port = free_port()
+    return [launch(tmp_path / "two", 2, "--config.distributed=True",
+                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}") for i in range(2)]
+
+  def wait_for(launched):
+    try:
+      for p in launched:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output[-3000:]
+    finally:
+      for p in launched:
+        p.kill()
+
+  wait_for(launch_two_processes() + [launch(tmp_path / "one", 4)])
   two, meta = checkpointing.load(str(tmp_path / "two"))
   one, _ = checkpointing.load(str(tmp_path / "one"))
   assert meta["step"] == 8
@@ -371,6 +376,16 @@ def test_two_processes_match_one_process(tmp_path):
   for two_row, one_row in zip(*tables):  # params equal to float tolerance: an image
     for key in ("top1_error", "top5_error"):  # whose top classes tie may flip, one at most
       assert two_row[key] == pytest.approx(one_row[key], abs=1 / 20 + 1e-9)
+
+  # The newest checkpoint damaged, both processes restarted: process 0 moves it aside,
+  # and both resume from the one before to the same parameters, bit for bit.
+  os.remove(tmp_path / "two" / "checkpoints" / "8" / "state" / "_METADATA")
+  wait_for(launch_two_processes())
+  resumed, meta = checkpointing.load(str(tmp_path / "two"))
+  assert meta["step"] == 8
+  jax.tree_util.tree_map(np.testing.assert_array_equal, two, resumed)
+  (moved,) = os.listdir(tmp_path / "two" / "checkpoints_damaged")
+  assert moved.startswith("8.")
 
 
 def test_the_demo_at_reduced_length(tmp_path):

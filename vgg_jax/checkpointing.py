@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 from absl import logging
 from clu import metric_writers
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -111,12 +112,15 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                               meta=ocp.args.JsonRestore())
     _, restored, failures = _restore_newest(self._latest, args)
-    if failures and jax.process_count() == 1:  # (several processes: left in place)
-      damaged = os.path.join(self._workdir, DAMAGED)
-      os.makedirs(damaged, exist_ok=True)
-      for failed_step, _ in failures:
-        os.replace(os.path.join(self._workdir, LATEST, str(failed_step)),
-                   os.path.join(damaged, f"{failed_step}.{int(time.time())}"))
+    if failures:  # every process read the same files, so all of them are here
+      if jax.process_index() == 0:
+        damaged = os.path.join(self._workdir, DAMAGED)
+        os.makedirs(damaged, exist_ok=True)
+        for failed_step, _ in failures:
+          os.replace(os.path.join(self._workdir, LATEST, str(failed_step)),
+                     os.path.join(damaged, f"{failed_step}.{int(time.time())}"))
+      if jax.process_count() > 1:  # the others see the steps gone before they reload
+        multihost_utils.sync_global_devices("vgg_jax: damaged checkpoints moved aside")
       self._latest.reload()
     if restored is None:
       return None

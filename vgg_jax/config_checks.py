@@ -1,7 +1,8 @@
 """One check of a run's config: every field a run uses, before any data or compilation.
 
 `validate_config` is called by every entry point (`main`, `sweep` for each trial,
-`evaluate`, the benchmark) before it starts work. Each field's owner says what it
+`evaluate`, the benchmark) before it starts work. `unused_fields` lists the fields a
+run will not read but that were set anyway (legal, so `main` only warns). Each field's owner says what it
 accepts: the nets (`models`), the schedule (`plateau`), the devices (`parallel`), the
 data (`input_pipeline`), the test protocols (`protocols`) and the surgery rules
 (`surgery`); the optimiser's and the loop's fields are checked here.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import default
 from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import parallel
@@ -57,3 +59,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not (value is None and optional) and (value is None or value < least):
       raise ValueError(f"{field} must be at least {least}"
                        f"{' (or None)' if optional else ''}, got {value!r}.")
+
+
+def unused_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """One line per field that this config sets but its run does not read."""
+  unused = []
+  if (not config.init_from.checkpoint
+      and config.init_from.rule != default.get_config().init_from.rule):
+    try:
+      surgery.resolve_rule(config.init_from.rule)
+      sense = ""
+    except ValueError:
+      sense = ", and not a rule of vgg_jax.surgery.RULES either"
+    unused.append(f"init_from.rule={config.init_from.rule!r} is unused without "
+                  f"init_from.checkpoint{sense}")
+  if config.dataset.startswith("folder:"):
+    unused += [f"{field}={config[field]!r} is unused with an image folder "
+               f"(config.dataset={config.dataset!r})"
+               for field in ("data_dir", "manual_dir") if config[field] is not None]
+  if config.nesterov and config.momentum == 0:
+    unused.append("nesterov=True is unused with momentum=0")
+  if config.color_shift_std and config.channels == 1:
+    unused.append(f"color_shift_std={config.color_shift_std} is unused with channels=1 "
+                  "(the colour shift is for RGB)")
+  return unused

@@ -22,17 +22,21 @@ ahead of a run (e.g. ImageNet from its manual download):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import math
 import os
+import socket
 from typing import Any, Callable, Sequence
+import urllib.parse
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 from vgg_jax import cli
 from vgg_jax import fashion_mnist  # registers the fashion_mnist_local builder
@@ -324,7 +328,8 @@ def _prepared_builder(name: str, data_dir, manual_dir):
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   logging.info("Preparing %s in %s.", name, builder.data_dir)
   try:
-    builder.download_and_prepare(download_config=download_config)
+    with _failing_fast_offline(builder):
+      builder.download_and_prepare(download_config=download_config)
   except Exception as e:  # pylint: disable=broad-except
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():  # another process (of a multi-host run) finished first
@@ -334,11 +339,43 @@ def _prepared_builder(name: str, data_dir, manual_dir):
         logging.warning("Could not download fashion_mnist (%s); using the local copy "
                         "in %s instead (fashion_mnist_local).", e, fashion_mnist.DEBIAN_DIR)
         return _prepared_builder("fashion_mnist_local", data_dir, manual_dir)
-    raise RuntimeError(
-        f"Could not prepare the TFDS dataset {name!r} in {builder.data_dir} ({e}). "
-        "Without internet, prepare it elsewhere and copy it there, or use "
-        "config.dataset='folder:<dir>' or 'fashion_mnist_local'.") from e
+    root = os.path.dirname(os.path.dirname(builder.data_dir))
+    raise OSError(
+        f"Could not prepare the TFDS dataset {name!r} in {builder.data_dir}: {e}. "
+        "Without internet, prepare it on a machine that has it with\n"
+        f"  python -m vgg_jax.datasets --dataset={name} --data_dir=<dir>\n"
+        f"and copy <dir>/{name} into {root}; or use config.dataset='folder:<dir>' "
+        "(an image folder) or 'fashion_mnist_local'.") from e
   return builder
+
+
+@contextlib.contextmanager
+def _failing_fast_offline(builder):
+  """Turns off TFDS's download retries while none of BUILDER's download hosts resolves.
+
+  TFDS retries every file 10 times with exponential backoff (minutes per file, and no
+  option to change it), which offline only delays the error; under
+  tfds.testing.mock_data nothing is downloaded and this changes nothing.
+  """
+  hosts = {urllib.parse.urlsplit(url).hostname for url in builder.url_infos or ()}
+  hosts.discard(None)
+  if not hosts or any(_resolves(host) for host in hosts):
+    yield
+    return
+  retries = tfds_downloader.MAX_RETRIES
+  tfds_downloader.MAX_RETRIES = 0
+  try:
+    yield
+  finally:
+    tfds_downloader.MAX_RETRIES = retries
+
+
+def _resolves(host: str) -> bool:
+  try:
+    socket.getaddrinfo(host, 443)
+    return True
+  except (socket.gaierror, UnicodeError):
+    return False
 
 
 def _check_imagenet_files(builder, data_dir, manual_dir) -> None:

@@ -41,6 +41,7 @@ from vgg_jax import transforms
 
 _SHUFFLE_SALT = 0x5EED5
 PROBE_SIZE = 64  # images decoded before a run starts: a split that doesn't decode fails
+TINY_IMAGE_FACTOR = 8  # an image enlarged more than this to reach S gets a warning
 
 
 # ------------------------------------------------------------------ the public contract
@@ -183,29 +184,43 @@ def bucket_by_shape(ds: tf.data.Dataset,
 # ---------------------------------------------------------------------- configuration
 
 
-def check_decodable(config, split: str, sample: int = PROBE_SIZE) -> None:
-  """Decodes the first SAMPLE images of SPLIT; raises ValueError, naming some of them,
-  when more than half fail. (Training would otherwise run on copies of the few that
-  decode, or wait forever for one when none does.)"""
+def check_images(config, split: str, sample: int = PROBE_SIZE) -> None:
+  """Decodes the first SAMPLE images of SPLIT before a run starts.
+
+  Raises ValueError, naming some of them, when more than half fail (training would
+  otherwise run on copies of the few that decode, or wait forever for one when none
+  does); warns when images are so small that the rescale to S enlarges them more than
+  `TINY_IMAGE_FACTOR` times (legal, but most likely not the data meant).
+  """
   data = datasets.dataset_source(config).split_data(split)
-  if data.kind in ("pixels", "stream"):  # decoded already, or by TFDS as it prepared
+  if data.kind == "stream":  # decoded by TFDS as it prepared the dataset
     return
   n = min(sample, data.num_examples)
+  if data.kind == "pixels":
+    sides, failed = np.full(n, min(data.items.shape[1:3])), np.array([], int)
+  else:
+    def decode(example):
+      shape = tf.shape(data.load(example["item"], config.channels))
+      return {"side": tf.minimum(shape[0], shape[1])}
 
-  def decode(example):
-    return {"pixels": tf.size(data.load(example["item"], config.channels))}
-
-  ds = datasets.looked_up(tf.data.Dataset.range(n).map(lambda i: {"index": i}), data)
-  valid = np.array([x["valid"] for x in
-                    _map_keeping_slots(ds, decode, n).as_numpy_iterator()], bool)
-  failed = np.flatnonzero(~valid)
+    ds = datasets.looked_up(tf.data.Dataset.range(n).map(lambda i: {"index": i}), data)
+    decoded = list(_map_keeping_slots(ds, decode, n).as_numpy_iterator())
+    valid = np.array([x["valid"] for x in decoded], bool)
+    sides = np.array([x["side"] for x in decoded])[valid]
+    failed = np.flatnonzero(~valid)
   if 2 * len(failed) > n:
-    names = ([str(data.items[i]) for i in failed[:3]] if data.kind == "path"
-             else [f"example {i}" for i in failed[:3]])
+    names = ", ".join(str(data.items[i]) if data.kind == "path" else f"example {i}"
+                      for i in failed[:3])
     raise ValueError(
         f"{len(failed)} of the first {n} images of {config.dataset} (split {split!r}) "
-        f"do not decode, e.g. {', '.join(names)}. Replace them with JPEG, PNG, BMP or "
+        f"do not decode, e.g. {names}. Replace them with JPEG, PNG, BMP or "
         f"GIF files, or check config.dataset.")
+  tiny = sides * TINY_IMAGE_FACTOR < config.train_scale_min
+  if tiny.any():
+    logging.warning(
+        "%d of the first %d images of %s (split %r) have a side of %d pixels or less, "
+        "to be enlarged to S=%d: check config.dataset and the scales.", tiny.sum(),
+        len(sides), config.dataset, split, sides.min(), config.train_scale_min)
 
 
 def check_data_fields(config) -> None:

@@ -40,6 +40,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   Returns training's final metrics (see `train.train_and_evaluate`).
   """
   config_checks.validate_config(config)
+  for line in config_checks.unused_fields(config):
+    logging.warning("Config: %s.", line)
   result = train.train_and_evaluate(config, workdir,
                                     accept_config_changes=accept_config_changes)
   if config.final_eval_protocols:

@@ -288,8 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.warning("%s %s has %d images, fewer than one batch (%d): every batch repeats "
                     "some of them.", config.dataset, config.train_split, info.num_train,
                     config.batch_size)
-  input_pipeline.check_decodable(config, config.train_split)
-  input_pipeline.check_decodable(config, config.eval_split)
+  input_pipeline.check_images(config, config.train_split)
+  input_pipeline.check_images(config, config.eval_split)
   model = models.from_config(config)
   schedule = Schedule.create(config, info.num_train)
   mapping = parallel.DeviceMapping(config.mapping)
