@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.init = "paper"           # normal(0, 0.01), zero biases; "glorot" or "he"
   config.dtype = "float32"        # compute dtype; "bfloat16" keeps float32 parameters
   config.num_classes = config_dict.placeholder(int)  # None: taken from the dataset
+  # Localisation (appendix A): fc8 regresses boxes with a Euclidean loss, one for all
+  # classes ("single_class") or one per class ("per_class"); None: classification.
+  config.box_regression = config_dict.placeholder(str)
+  config.trainable_layers = "all"  # or "fc": fc6-fc8 only, the convs frozen (OverFeat)
 
   # Data (section 3.1): isotropic rescale of the smallest side to S, random crop, flip,
   # AlexNet's colour shift, training-set mean subtraction.

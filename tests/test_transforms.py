@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from vgg_jax import input_pipeline as ip
 from vgg_jax import input_pipeline_benchmark as benchmark
+from vgg_jax import photos as photos_lib
 from vgg_jax import transforms as T
 
 from tests.test_input_pipeline import jpeg_bytes, tfdata
@@ -29,7 +30,7 @@ def seeds(n, salt=7):
 @pytest.fixture(scope="module")
 def photos():
   """12 real ImageNet photos as JPEGs of ImageNet's typical sizes (500x375, 375x500...)."""
-  location = benchmark.foolbox_data_dir()
+  location = photos_lib.foolbox_data_dir()
   if location is None or not os.path.isdir(location):
     pytest.skip("needs foolbox's photos (pip install -e '.[test]')")
   return benchmark.reencode(benchmark.read_photos(location), 12)

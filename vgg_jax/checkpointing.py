@@ -379,7 +379,8 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def write_final_eval(workdir: str, eval_metrics: dict, confusion: np.ndarray) -> None:
+def write_final_eval(workdir: str, eval_metrics: dict, confusion: np.ndarray | None
+                     ) -> None:
   """WORKDIR/final_eval.json: the finished run's last evaluation and confusion matrix."""
   with open(os.path.join(workdir, FINAL_EVAL_FILE), "w") as f:
     json.dump(dict(eval_metrics, confusion=np.asarray(confusion).tolist()), f)

@@ -38,6 +38,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     surgery.resolve_rule(config.init_from.rule)
   if config.final_eval_protocols:  # else a typo would surface only after training
     protocols.parse_protocols(config.final_eval_protocols)
+  models.num_outputs(1, config.box_regression)
+  if config.box_regression and config.final_eval_protocols:
+    raise ValueError(
+        f"final_eval_protocols={config.final_eval_protocols!r} are a classifier's; a "
+        "localisation net (box_regression set) has its own protocols: run python -m "
+        "vgg_jax.localize after training, and set final_eval_protocols=''.")
+  models.trainable_mask({}, config.trainable_layers)
   if config.dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}.")
   if not 0 <= config.momentum < 1:

@@ -4,6 +4,8 @@ Sources, chosen by `config.dataset`:
   * any TFDS image-classification dataset by name ("cifar10", "imagenet2012", ...);
     `imagenet2012` prepares offline from ILSVRC2012_img_{train,val}.tar in the manual dir;
   * "folder:<dir>": <dir>/train/<class>/*.jpg and <dir>/val/<class>/*.jpg;
+  * "boxes:<dir>": images with bounding boxes (localisation, appendix A), listed by
+    <dir>/<split>.csv (`vgg_jax.box_files`; ILSVRC's XML files convert to it);
   * "fashion_mnist_local": Fashion-MNIST from Debian's local copy (vgg_jax.fashion_mnist).
 
 Every source is read by index (`SplitData.lookup`): small datasets (decoded size under
@@ -38,6 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
+from vgg_jax import box_files
 from vgg_jax import cli
 from vgg_jax import fashion_mnist  # registers the fashion_mnist_local builder
 from vgg_jax import transforms
@@ -94,6 +97,9 @@ class SplitData:
   labels: Any = None
   stream: Callable[[], tf.data.Dataset] | None = None
   records: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
+  # Per-example arrays read with each example (by index), e.g. a localisation split's
+  # "boxes" float32 [N, box_files.MAX_BOXES, 4] and "box_count" int32 [N].
+  annotations: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def lookup(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(items, labels) of the examples at INDICES (int64 [n]), in tf.data."""
@@ -107,6 +113,12 @@ class SplitData:
     """(items, labels) as eager tensors, made once and captured by tf.data functions."""
     with tf.init_scope():
       return tf.constant(self.items), tf.constant(self.labels)
+
+  @functools.cached_property
+  def annotation_table(self) -> dict[str, tf.Tensor]:
+    """`annotations` as eager tensors, like `table`."""
+    with tf.init_scope():
+      return {k: tf.constant(v) for k, v in self.annotations.items()}
 
   def read(self, item: tf.Tensor) -> tf.Tensor:
     """The item as `transforms.rescaled_crop` takes it: encoded bytes, or pixels."""
@@ -142,6 +154,8 @@ def dataset_source(config) -> Source:
 def _cached_source(dataset: str, data_dir, manual_dir, cache: bool) -> Source:
   if dataset.startswith("folder:"):
     return _folder_source(dataset[len("folder:"):], cache)
+  if dataset.startswith("boxes:"):
+    return _box_source(dataset[len("boxes:"):], cache)
   return _tfds_source(dataset, data_dir, manual_dir, cache)
 
 
@@ -199,6 +213,41 @@ def _folder_source(root: str, cache: bool) -> Source:
   return Source(f"folder:{root}", len(class_names), class_names,
                 lambda split: len(files(split)[0]), functools.lru_cache(None)(split_data),
                 cache_dir=root, fingerprint=fingerprint)
+
+
+def _box_source(root: str, cache: bool) -> Source:
+  """<root>/<split>.csv: image files, their classes and boxes (`box_files.read_split`)."""
+  root = os.path.expanduser(root)
+  class_names = box_files.class_names_of(root)
+
+  @functools.lru_cache(maxsize=None)
+  def listed(split):
+    return box_files.read_split(root, split, class_names)
+
+  def split_data(split):
+    boxes = listed(split)
+    paths = np.array(boxes.paths, dtype=object)
+    items = (np.array([tf.io.gfile.GFile(p, "rb").read() for p in paths], dtype=object)
+             if cache else paths)
+    return SplitData("encoded" if cache else "path", len(paths), items, boxes.labels,
+                     annotations={"boxes": boxes.boxes, "box_count": boxes.counts})
+
+  def fingerprint(split):
+    digest = hashlib.sha256(_file_digest(box_files.split_file(root, split)).encode())
+    for path in listed(split).paths:
+      stat = os.stat(path)
+      digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+  return Source(f"boxes:{root}", len(class_names), class_names,
+                lambda split: len(listed(split).paths),
+                functools.lru_cache(None)(split_data), cache_dir=root,
+                fingerprint=fingerprint)
+
+
+def _file_digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def _folder_split_dir(root: str, split: str, splits: Sequence[str]) -> str:
@@ -401,7 +450,9 @@ def looked_up(ds: tf.data.Dataset, data: SplitData) -> tf.data.Dataset:
   time (one call of a by-index reader per batch), in order."""
   def lookup(examples):
     items, labels = data.lookup(examples["index"])
-    return dict(examples, item=items, label=labels)
+    annotations = {k: tf.gather(v, examples["index"])
+                   for k, v in data.annotation_table.items()}
+    return dict(examples, item=items, label=labels, **annotations)
   return ds.batch(LOOKUP_BATCH).map(lookup, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 

@@ -32,7 +32,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -82,16 +82,17 @@ def _merged(config, updates: dict) -> ml_collections.ConfigDict:
 
 
 def load_net(config, path: str, *, own_net: bool = True, best: bool = False,
-             step: int | None = None) -> Net:
+             step: int | None = None, loaded: tuple[Any, dict] | None = None) -> Net:
   """Reads a checkpoint (a workdir or a converted one) and the net to evaluate it with.
 
   With OWN_NET the net is the checkpoint's own (its config.json, else its meta, else
   CONFIG's); otherwise CONFIG names the net and a checkpoint of another architecture is
   an error. The checkpoint's parameters must fit the net (ValueError listing what does
   not). A converted net's input convention becomes the pipeline's mean and std.
+  LOADED: the checkpoint's (params, meta) when the caller has read them already.
   """
   frozen = checkpointing.read_config(path)
-  params, meta = checkpointing.load_params(path, best=best, step=step)
+  params, meta = loaded or checkpointing.load_params(path, best=best, step=step)
   described = frozen if frozen is not None else models.architecture(meta)
   if not own_net:
     differ = [f"{k}: {a!r} in the checkpoint, {b!r} in the config" for k, a, b in
@@ -159,13 +160,12 @@ class Evaluator:
     self.params = mapping.replicate(net.params)
     self._mapped = {}
 
-  def _fn(self, pass_name: str):
-    if pass_name not in self._mapped:
-      p, model = protocols_lib.PASSES[pass_name], self.net.model
-      crop_size = self.net.config.crop_size
-      self._mapped[pass_name] = self.mapping.map(
+  def _fn(self, p: protocols_lib.Pass):
+    if p.name not in self._mapped:
+      model, crop_size = self.net.model, self.net.config.crop_size
+      self._mapped[p.name] = self.mapping.map(
           lambda params, batch: p.fn(model, params, batch, crop_size))
-    return self._mapped[pass_name]
+    return self._mapped[p.name]
 
   def _images_per_device(self, p: protocols_lib.Pass, crops_per_device: int, height,
                          width):
@@ -177,12 +177,13 @@ class Evaluator:
     images = crops_per_device * crop_area // (p.crops_per_image * height * width)
     return tf.maximum(images, 1) if isinstance(images, tf.Tensor) else max(images, 1)
 
-  def _examples(self, pass_name: str, scale: int, split: str, workdir: str | None):
-    config, p = self.net.config, protocols_lib.PASSES[pass_name]
+  def _examples(self, p: str | protocols_lib.Pass, scale: int, split: str,
+                workdir: str | None):
+    config, p = self.net.config, _as_pass(p)
     crop = config.crop_size if p.center_crop else None
     ds = input_pipeline.eval_examples(config, scale=scale, split=split, crop_size=crop,
                                       workdir=workdir, mean_std=self.net.mean_std)
-    if pass_name == "multi_crop":
+    if p.name == "multi_crop":
       crop_size = config.crop_size
 
       def canvas(example):  # padded to a multiple of the crop: few shapes to compile
@@ -202,20 +203,49 @@ class Evaluator:
     """Posteriors of one pass ("center_crop", "dense", "multi_crop") at Q = SCALE over
     this process's images of SPLIT (default config.eval_split), BATCH_SIZE (global,
     default config.batch_size) net evaluations per step over all devices."""
+    return protocols_lib.Posteriors(*self.outputs(
+        protocols_lib.PASSES[pass_name], scale, self.net.model.num_classes, split=split,
+        batch_size=batch_size, workdir=workdir))
+
+  def outputs(self, p: protocols_lib.Pass, scale: int, width: int, *,
+              split: str | None = None, batch_size: int | None = None,
+              workdir: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(outputs float32 [examples, WIDTH], labels, seen, seconds) of any pass P (its fn
+    gives WIDTH numbers per image) over the split, as `posteriors` describes."""
+    split = split or self.net.config.eval_split
+    num_examples = datasets.dataset_info(
+        _merged(self.net.config, {"eval_split": split})).num_eval
+    values = np.zeros((num_examples, width), np.float32)
+    labels = np.full(num_examples, -1, np.int32)
+    seen = np.zeros(num_examples, bool)
+    start = time.perf_counter()
+    for batch in self.stream(p, scale, split=split, batch_size=batch_size,
+                             workdir=workdir):
+      index = batch["index"]
+      if seen[index].any() or len(set(index.tolist())) < len(index):
+        raise RuntimeError(f"Images {sorted(set(index[seen[index]].tolist()))} of "
+                           f"{split} came twice in one pass.")
+      values[index] = batch["outputs"].reshape(len(index), -1)
+      labels[index] = batch["label"]
+      seen[index] = True
+    return values, labels, seen, time.perf_counter() - start
+
+  def stream(self, p: protocols_lib.Pass, scale: int, *, split: str | None = None,
+             batch_size: int | None = None, workdir: str | None = None,
+             extras: Sequence[str] = ()) -> Iterator[dict[str, np.ndarray]]:
+    """The outputs of pass P at Q = SCALE, a batch of images of one shape at a time:
+    {'index' [n], 'label' [n], 'outputs' [n, ...] (P's fn per image), and the EXTRAS,
+    fields of `input_pipeline.eval_examples` such as 'factor'}. Every image of this
+    process's share of SPLIT comes once; undecodable ones are left out (a warning)."""
     config = self.net.config
     split = split or config.eval_split
-    p = protocols_lib.PASSES[pass_name]
     protocols_lib.check_scales([scale], config.crop_size)
     crops_per_device = parallel.check_batch_size(batch_size or config.batch_size)
     devices = self.mapping.local_device_count
-    num_examples = datasets.dataset_info(_merged(config, {"eval_split": split})).num_eval
-    probs = np.zeros((num_examples, self.net.model.num_classes), np.float32)
-    labels = np.full(num_examples, -1, np.int32)
-    seen = np.zeros(num_examples, bool)
-    fn = self._fn(pass_name)
-    keys = ("image", "boxes") if pass_name == "multi_crop" else ("image",)
-    start = time.perf_counter()
-    ds = self._examples(pass_name, scale, split, workdir or self.net.path)
+    fn = self._fn(p)
+    keys = ("image", "boxes") if p.name == "multi_crop" else ("image",)
+    ds = self._examples(p, scale, split, workdir or self.net.path)
     per_device = functools.partial(self._images_per_device, p, crops_per_device)
     ds = input_pipeline.bucket_by_shape(
         ds, lambda height, width: devices * per_device(height, width))
@@ -228,9 +258,6 @@ class Evaluator:
       index, n = batch["index"][valid], int(valid.sum())
       if n == 0:
         continue
-      if seen[index].any() or len(set(index.tolist())) < n:
-        raise RuntimeError(f"Images {sorted(set(index[seen[index]].tolist()))} of "
-                           f"{split} came twice in one pass.")
       # Pad to a power of two per device: few batch shapes to compile per image shape.
       least = -(-n // devices)
       rows = max(least, min(_next_power_of_two(least), self._images_per_device(
@@ -241,13 +268,16 @@ class Evaluator:
         x = np.concatenate([x, np.zeros((devices * rows - n,) + x.shape[1:], x.dtype)])
         inputs[k] = x.reshape((devices, rows) + x.shape[1:])
       out = np.asarray(fn(self.params, self.mapping.shard(inputs)))
-      probs[index] = out.reshape(devices * rows, -1)[:n]
-      labels[index] = batch["label"][valid]
-      seen[index] = True
+      yield dict({k: batch[k][valid] for k in extras}, index=index,
+                 label=batch["label"][valid],
+                 outputs=out.reshape((devices * rows,) + out.shape[2:])[:n])
     if skipped:
-      logging.warning("%s at Q=%d: %d undecodable image(s) left out.", pass_name, scale,
+      logging.warning("%s at Q=%d: %d undecodable image(s) left out.", p.name, scale,
                       skipped)
-    return protocols_lib.Posteriors(probs, labels, seen, time.perf_counter() - start)
+
+
+def _as_pass(p: str | protocols_lib.Pass) -> protocols_lib.Pass:
+  return protocols_lib.PASSES[p] if isinstance(p, str) else p
 
 
 # -------------------------------------------------------------------- the table
@@ -302,6 +332,10 @@ def evaluate_run(config, workdir: str, *, protocols: str | Sequence[str] | None 
   split = split or config.eval_split
   paths = list(checkpoints) if checkpoints else [workdir]
   nets = [load_net(config, path, own_net=bool(checkpoints), best=best) for path in paths]
+  boxes = [net.path for net in nets if net.model.box_regression]
+  if boxes:
+    raise ValueError(f"{', '.join(boxes)}: a localisation net predicts boxes, not "
+                     "classes; evaluate it with python -m vgg_jax.localize.")
   classes = {net.model.num_classes for net in nets}
   info = datasets.dataset_info(_merged(config, {"eval_split": split}))
   if classes != {info.num_classes}:

@@ -40,6 +40,7 @@ from vgg_jax import pixel_stats
 from vgg_jax import transforms
 
 _SHUFFLE_SALT = 0x5EED5
+BOX_KEYS = ("box", "box_weight")  # a localisation batch's training target
 PROBE_SIZE = 64  # images decoded before a run starts: a split that doesn't decode fails
 TINY_IMAGE_FACTOR = 8  # an image enlarged more than this to reach S gets a warning
 
@@ -72,14 +73,19 @@ def train_batches(config, *, seed: int, start_step: int = 0) -> "Batches":
       scale_max=config.train_scale_max, crop_size=config.crop_size,
       channels=config.channels, flip=config.random_flip, color_std=config.color_shift_std)
 
+  boxes = bool(config.box_regression)
+
   def augment(example):
     example_seed = transforms.augment_seed(seed, example["epoch"], example["position"])
-    return dict(crop(data.read(example["item"]), example_seed), label=example["label"])
+    box_args = ({"boxes": example["boxes"], "box_count": example["box_count"]}
+                if boxes else {})
+    return dict(crop(data.read(example["item"]), example_seed, **box_args),
+                label=example["label"])
 
   ds = _map_keeping_slots(ds, augment)
   ds = ds.batch(per_process, drop_remainder=True).map(_replace_invalid)
   return Batches(ds.prefetch(2).with_options(datasets.tf_options()),
-                 ("image", "color_shift", "label"))
+                 ("image", "color_shift", "label") + (BOX_KEYS if boxes else ()))
 
 
 def eval_batches(config, *, split: str | None = None) -> "Batches":
@@ -95,19 +101,35 @@ def eval_batches(config, *, split: str | None = None) -> "Batches":
   num_batches = math.ceil(math.ceil(data.num_examples / jax.process_count()) / per_process)
 
   def transform(example):
-    image = transforms.eval_crop(data.read(example["item"]), scale=config.eval_scale,
-                                 crop_size=config.crop_size, channels=config.channels)
-    return {"image": image, "label": example["label"]}
+    image, geometry = transforms.rescaled_crop_and_geometry(
+        data.read(example["item"]), scale=config.eval_scale, crop_size=config.crop_size,
+        channels=config.channels)
+    out = {"image": transforms.to_uint8(image), "label": example["label"]}
+    if config.box_regression:  # the centre crop's target, and the boxes to score
+      out.update(eval_box_fields(example, geometry, config.crop_size))
+    return out
 
   ds = _eval_stream(data, transform).map(
-      lambda x: {"image": x["image"], "label": x["label"],
-                 "mask": tf.cast(x["valid"], tf.float32)})
+      lambda x: dict({k: v for k, v in x.items() if k not in ("valid", "index")},
+                     mask=tf.cast(x["valid"], tf.float32)))
   padding = tf.data.Dataset.from_tensors(
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
   ds = ds.concatenate(padding.repeat()).take(num_batches * per_process)
   ds = ds.batch(per_process)
-  return Batches(ds.prefetch(2).with_options(datasets.tf_options()), ("image", "label", "mask"),
-                 count_invalid="mask", num_real=_shard_size(data.num_examples))
+  return Batches(ds.prefetch(2).with_options(datasets.tf_options()),
+                 tuple(ds.element_spec), count_invalid="mask",
+                 num_real=_shard_size(data.num_examples))
+
+
+def eval_box_fields(example: dict, geometry: dict, crop_size: int) -> dict:
+  """What evaluating a localisation net on a crop needs (appendix A): the image's boxes
+  ('boxes' [K, 4] in source pixels, 'box_count'), the crop's 'factor' and 'offset'
+  (to map a predicted box back to the source) and its target ('box', 'box_weight')."""
+  in_crop = transforms.boxes_in_crop(example["boxes"], geometry, crop_size, False)
+  box, weight = transforms.box_target(in_crop, example["box_count"], crop_size)
+  return {"boxes": example["boxes"], "box_count": example["box_count"],
+          "factor": geometry["factor"], "offset": geometry["offset"], "box": box,
+          "box_weight": weight}
 
 
 def model_inputs(batch: dict, *, mean, std=None) -> dict:
@@ -137,11 +159,12 @@ def eval_examples(config, *, scale: int, split: str | None = None,
   """This process's eval examples rescaled to smallest side SCALE, uncropped, normalised.
 
   A tf.data.Dataset of {'image': float32 [h, w, channels] (shapes vary), 'label': int32,
-  'index': int64 position in the split, 'valid': bool}; an undecodable image's slot
-  holds a copy of the next image with 'valid' False.
-  With CROP_SIZE, centre crops of that size instead. MEAN_STD, (mean, std or None),
-  replaces the config's normalisation (a trained net's own). Batch it with
-  `bucket_by_shape`.
+  'index': int64 position in the split, 'factor': float32 [2], the rescaled size over
+  the source's (y, x), 'valid': bool}; an undecodable image's slot holds a copy of the
+  next image with 'valid' False.
+  With CROP_SIZE, centre crops of that size instead (and their 'offset' [2], top and
+  left in the rescaled image). MEAN_STD, (mean, std or None), replaces the config's
+  normalisation (a trained net's own). Batch it with `bucket_by_shape`.
   """
   check_data_fields(config)
   data = datasets.dataset_source(config).split_data(split or config.eval_split)
@@ -149,13 +172,16 @@ def eval_examples(config, *, scale: int, split: str | None = None,
 
   def transform(example):
     if crop_size:
-      image = transforms.rescaled_crop(data.read(example["item"]), scale=scale,
-                                       crop_size=crop_size, channels=config.channels)
+      image, geometry = transforms.rescaled_crop_and_geometry(
+          data.read(example["item"]), scale=scale, crop_size=crop_size,
+          channels=config.channels)
     else:
-      image = transforms.rescale_smallest_side(
-          data.load(example["item"], config.channels), scale)
-    return {"image": transforms.normalize(image, mean, std), "label": example["label"],
-            "index": example["index"]}
+      source = data.load(example["item"], config.channels)
+      image = transforms.rescale_smallest_side(source, scale)
+      geometry = {"factor": tf.cast(tf.shape(image)[:2], tf.float32)
+                            / tf.cast(tf.shape(source)[:2], tf.float32)}
+    return dict(geometry, image=transforms.normalize(image, mean, std),
+                label=example["label"], index=example["index"])
 
   return _eval_stream(data, transform)
 
@@ -226,6 +252,9 @@ def check_images(config, split: str, sample: int = PROBE_SIZE) -> None:
 def check_data_fields(config) -> None:
   """Raises ValueError naming the problem and the fix for an inconsistent data config."""
   problems = []
+  if config.box_regression and not config.dataset.startswith("boxes:"):
+    problems.append(f"box_regression={config.box_regression!r} needs images with boxes: "
+                    "config.dataset='boxes:<dir>' (see vgg_jax.box_files)")
   if config.channels not in (1, 3):
     problems.append(f"channels={config.channels}: use 3 (RGB) or 1 (gray)")
   if config.train_scale_min > config.train_scale_max:
@@ -358,8 +387,8 @@ def _replace_invalid(batch):
   num_good = tf.shape(good)[0]
   source = tf.where(valid | (num_good == 0), rows,
                     tf.gather(good, rows % tf.maximum(num_good, 1)))
-  return dict(batch, image=tf.gather(batch["image"], source),
-              label=tf.gather(batch["label"], source))
+  return dict(batch, **{k: tf.gather(batch[k], source)  # (not the colour shift, as
+                        for k in ("image", "label") + BOX_KEYS if k in batch})  # before)
 
 
 # ------------------------------------------------------------------------ batches

@@ -25,7 +25,6 @@ JPEG quality 90) before the timing.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import io
 import os
 import tarfile
@@ -41,6 +40,7 @@ from configs import default
 from vgg_jax import cli
 from vgg_jax import datasets
 from vgg_jax import input_pipeline
+from vgg_jax import photos
 from vgg_jax import transforms
 
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (400, 500))  # (width, height)
@@ -64,17 +64,9 @@ FLAGS = flags.FLAGS
 # ------------------------------------------------------------------------ the photos
 
 
-def foolbox_data_dir() -> str | None:
-  """foolbox/data of an installed foolbox, found without importing it."""
-  spec = importlib.util.find_spec("foolbox")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return os.path.join(list(spec.submodule_search_locations)[0], "data")
-
-
 def read_photos(location: str | None) -> list[bytes]:
   """The encoded ImageNet photos of a folder or of foolbox's wheel (a zip)."""
-  location = location or foolbox_data_dir()
+  location = location or photos.foolbox_data_dir()
   if location is None:
     raise FileNotFoundError(
         "No photos: pass --images_dir (a folder of JPEGs, or foolbox's wheel from "

@@ -48,7 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     evaluate.evaluate_run(config, workdir, protocols=config.final_eval_protocols)
   if jax.process_index() == 0:
     last_eval = {k: v for k, v in result.items()
-                 if k in ("loss", "top1_error", "top5_error", "examples")}
+                 if k in ("loss", "top1_error", "top5_error", "loc_error", "examples")}
     checkpointing.write_final_eval(workdir, last_eval, result["confusion"])
     plots.plot_run(workdir, checkpointing.read_metrics(workdir), result["confusion"],
                    class_names=datasets.dataset_info(config).class_names,

@@ -30,3 +30,30 @@ def confusion_matrix(logits: jax.Array, labels: jax.Array,
   true = jax.nn.one_hot(labels, num_classes) * weights[:, None]
   predicted = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
   return true.T @ predicted
+
+
+# The measures of a classifier's training and validation steps (the softmax objective).
+
+
+def classification_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+  """(mean cross-entropy, {'top1': accuracy}) of a training batch."""
+  loss = cross_entropy(logits, batch["label"]).mean()
+  return loss, {"top1": correct_top_k(logits, batch["label"], 1).mean()}
+
+
+def classification_sums(logits: jax.Array, batch: dict) -> dict:
+  """Sums over the real (unmasked) examples of a validation batch, and its confusion."""
+  mask, labels = batch["mask"], batch["label"]
+  sums = dict(loss=cross_entropy(logits, labels), top1=correct_top_k(logits, labels, 1),
+              top5=correct_top_k(logits, labels, 5), count=jnp.ones_like(mask))
+  sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
+  sums["confusion"] = confusion_matrix(logits, labels, mask)
+  return sums
+
+
+def classification_summary(totals: dict) -> dict:
+  """Loss, top-1 and top-5 error from the summed `classification_sums` of a split."""
+  count = float(totals["count"])
+  return dict(loss=float(totals["loss"]) / count,
+              top1_error=1.0 - float(totals["top1"]) / count,
+              top5_error=1.0 - float(totals["top5"]) / count, examples=int(count))

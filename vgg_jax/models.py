@@ -9,6 +9,7 @@ builds any of them, and `create_model` is the public entry point:
     variables = model.init(rng, images, train=False)       # images: [N, H, W, C]
     logits = model.apply(variables, images, train=False)   # [N, num_classes]
     scores = model.apply(variables, big_images, dense=True)  # [N, h, w, classes]
+    fc7 = model.apply(variables, big_images, dense=True, until="fc7")  # [N, h, w, 4096]
 
 A run's config describes its net by `ARCHITECTURE_FIELDS`; `from_config` builds that
 net, `init_params` draws its parameters as a run does, and `architecture_differences`
@@ -83,6 +84,8 @@ TABLE_1: dict[str, tuple[str, ...]] = {
 
 # The head of every net (Table 1, bottom rows): FC-4096, FC-4096, FC-classes.
 HEAD = ("fc6", "fc7", "fc8")
+# Its hidden layers, whose activations serve as image features (appendix B: fc7).
+FEATURE_LAYERS = HEAD[:-1]
 
 ALIASES = {
     "vgg11": "A",
@@ -93,6 +96,11 @@ ALIASES = {
     "vgg19": "E",
     "vgg13_5x5": "B-5x5",
 }
+
+# The layers a run trains (`trainable_mask`).
+TRAINABLE_LAYERS = ("all", "fc")
+# What fc8 predicts: class scores (None), or boxes (appendix A's SCR and PCR).
+BOX_REGRESSIONS = (None, "single_class", "per_class")
 
 # AlexNet's local response normalisation (Krizhevsky et al. 2012, section 3.3):
 # b_c = a_c / (k + alpha * sum_{|j - c| <= size // 2} a_j^2) ** beta.
@@ -186,6 +194,25 @@ def check_knobs(*, width: float = 1.0, filter_size: int | None = None,
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+
+
+def check_feature_layer(layer: str | None) -> None:
+  """Raises ValueError unless LAYER is None or one of FEATURE_LAYERS."""
+  if layer is not None and layer not in FEATURE_LAYERS:
+    raise ValueError(f"Unknown feature layer {layer!r}: choose one of "
+                     f"{', '.join(FEATURE_LAYERS)} (the head's hidden layers; the paper's "
+                     f"features are fc7's).")
+
+
+def num_outputs(num_classes: int, box_regression: str | None = None) -> int:
+  """fc8's width: class scores, or a localisation net's boxes (appendix A): one box
+  (centre x, centre y, width, height) for all classes ("single_class", SCR) or one per
+  class ("per_class", PCR; class c's box is outputs 4c..4c+3)."""
+  if box_regression not in BOX_REGRESSIONS:
+    raise ValueError(f"box_regression must be one of {BOX_REGRESSIONS}, got "
+                     f"{box_regression!r}.")
+  return {None: num_classes, "single_class": 4, "per_class": 4 * num_classes}[
+      box_regression]
 
 
 def check_image_size(height: int, width: int) -> None:
@@ -286,17 +313,24 @@ class VGG(nn.Module):
   param_dtype: Any = jnp.float32
   initializer: str = "paper"  # a key of INITIALIZERS (`init` would shadow Module.init)
   lrn: dict = dataclasses.field(default_factory=lambda: dict(ALEXNET_LRN))
+  box_regression: str | None = None  # a localisation net's fc8 (BOX_REGRESSIONS)
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False, dense: bool = False) -> Array:
-    """Class scores: logits [N, classes], or with `dense=True` the map [N, h, w, classes].
+  def __call__(self, images: Array, *, train: bool = False, dense: bool = False,
+               until: str | None = None) -> Array:
+    """Class scores: logits [N, classes], or with `dense=True` the map [N, h, w, classes]
+    (a localisation net's boxes instead: [N, `num_outputs`], or their map).
 
     With `dense=True` the head runs fully-convolutionally (section 3.2) on images of any
     size at least the training crop; dropout is then off whatever `train` says. The conv
     trunk's output is sown as intermediates["features"] for feature extraction.
+    UNTIL, a hidden layer of the head (`FEATURE_LAYERS`: "fc6" or "fc7"), returns that
+    layer's activations after its ReLU instead ([N, fc_width], or the map [N, h, w,
+    fc_width] with `dense=True`): the paper's transfer features (appendix B).
     """
     check_knobs(width=self.width, filter_size=self.filter_size, fc_width=self.fc_width,
                 num_classes=self.num_classes, dropout_rate=self.dropout_rate)
+    check_feature_layer(until)
     check_image_size(images.shape[1], images.shape[2])
     kernel_init = kernel_initializer(self.initializer)
     x = images.astype(self.dtype)
@@ -312,11 +346,14 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     self.sow("intermediates", "features", x)
     deterministic = not train or dense
-    for name, features in zip(HEAD, (self.fc_width, self.fc_width, self.num_classes)):
+    outputs = num_outputs(self.num_classes, self.box_regression)
+    for name, features in zip(HEAD, (self.fc_width, self.fc_width, outputs)):
       x = FullyConnected(features, kernel_init, dtype=self.dtype,
                          param_dtype=self.param_dtype, name=name)(x, dense=dense)
       if name != HEAD[-1]:
         x = nn.relu(x)
+        if name == until:
+          return x.astype(jnp.float32)
         x = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x)
     return x.astype(jnp.float32)
 
@@ -324,7 +361,8 @@ class VGG(nn.Module):
 def create_model(name: str = "D", *, num_classes: int = 1000, width: float = 1.0,
                  filter_size: int | None = None, fc_width: int = 4096,
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32,
-                 init: str = "paper", lrn: dict | None = None) -> VGG:
+                 init: str = "paper", lrn: dict | None = None,
+                 box_regression: str | None = None) -> VGG:
   """Returns the VGG module for a Table 1 name ("A", ..., "E", "B-5x5") or an alias.
 
   Args:
@@ -338,13 +376,29 @@ def create_model(name: str = "D", *, num_classes: int = 1000, width: float = 1.0
     dtype: compute dtype (jnp.bfloat16 for mixed precision); parameters stay float32.
     init: "paper" (normal, std 0.01, zero biases), "glorot" or "he".
     lrn: AlexNet LRN hyperparameters for A-LRN (defaults to ALEXNET_LRN).
+    box_regression: None (a classification net), or a localisation net's fc8:
+      "single_class" (4 outputs) or "per_class" (4 x num_classes); see `num_outputs`.
   """
   check_knobs(width=width, filter_size=filter_size, fc_width=fc_width,
               num_classes=num_classes, dropout_rate=dropout_rate)
   kernel_initializer(init)
+  num_outputs(num_classes, box_regression)
   return VGG(net=canonical_name(name), num_classes=num_classes, width=width,
              filter_size=filter_size, fc_width=fc_width, dropout_rate=dropout_rate,
-             dtype=jnp.dtype(dtype), initializer=init, lrn=dict(lrn or ALEXNET_LRN))
+             dtype=jnp.dtype(dtype), initializer=init, lrn=dict(lrn or ALEXNET_LRN),
+             box_regression=box_regression)
+
+
+def trainable_mask(params: Mapping[str, Any], layers: str = "all") -> dict:
+  """True for each parameter a run trains: of every layer (LAYERS "all"), or of the
+  head only ("fc": fc6, fc7, fc8; the conv layers frozen, appendix A's OverFeat
+  variant)."""
+  if layers not in TRAINABLE_LAYERS:
+    raise ValueError(f"trainable_layers must be one of {', '.join(TRAINABLE_LAYERS)}, "
+                     f"got {layers!r}.")
+  return {name: jax.tree_util.tree_map(lambda _, n=name: layers == "all" or n in HEAD,
+                                       tree)
+          for name, tree in params.items()}
 
 
 def count_params(params: Any) -> int:
@@ -363,16 +417,17 @@ def conv_names(name: str) -> Sequence[str]:
 # net that agrees on all of them. (A checkpoint written without a config, by surgery or
 # conversion, names them in its meta.)
 ARCHITECTURE_FIELDS = ("model", "width", "filter_size", "fc_width", "num_classes",
-                       "channels", "crop_size")
+                       "channels", "crop_size", "box_regression")
 
 
 def from_config(config, num_classes: int | None = None) -> VGG:
   """The net of a run's config (model, width, filter_size, fc_width, dropout_rate, dtype,
-  init), with NUM_CLASSES outputs (default config.num_classes)."""
+  init, box_regression) for NUM_CLASSES classes (default config.num_classes)."""
   return create_model(
       config.model, num_classes=num_classes or config.num_classes, width=config.width,
       filter_size=config.filter_size, fc_width=config.fc_width,
-      dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype), init=config.init)
+      dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype), init=config.init,
+      box_regression=config.get("box_regression"))
 
 
 def input_shape(config) -> tuple[int, int, int]:

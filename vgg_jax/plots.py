@@ -16,13 +16,15 @@ LEARNING_CURVES_FILE = "learning_curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
 
-def plot_run(workdir: str, records: Sequence[dict], confusion: np.ndarray, *,
+def plot_run(workdir: str, records: Sequence[dict], confusion: np.ndarray | None, *,
              class_names: Sequence[str] | None = None, title: str = "") -> None:
   """A finished run's figures in WORKDIR: its learning curves (from RECORDS, the
-  metrics.jsonl records) and the confusion matrix of its last evaluation."""
+  metrics.jsonl records) and the confusion matrix of its last evaluation (a
+  classifier's; a localisation net has none)."""
   plot_learning_curves(records, os.path.join(workdir, LEARNING_CURVES_FILE), title=title)
-  plot_confusion_matrix(confusion, os.path.join(workdir, CONFUSION_MATRIX_FILE),
-                        class_names=class_names, title=title)
+  if confusion is not None:
+    plot_confusion_matrix(confusion, os.path.join(workdir, CONFUSION_MATRIX_FILE),
+                          class_names=class_names, title=title)
 
 
 def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -33,15 +35,17 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_learning_curves(records: Sequence[dict], png_path: str, title: str = "") -> None:
-  """Training loss, validation top-1/top-5 error and the learning rate against steps."""
+  """Training loss, validation errors (top-1/top-5, or a localisation net's) and the
+  learning rate against steps."""
   fig, (ax_loss, ax_err, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
   for key, label in [("train_loss", "train"), ("eval_loss", "validation")]:
     steps, values = series(records, key)
     ax_loss.plot(steps, values, label=label, marker="." if key == "eval_loss" else None)
-  ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+  ax_loss.set(xlabel="step", ylabel="cross-entropy (or Euclidean)", title="loss")
   ax_loss.legend()
   for key, label in [("train_top1", "train top-1"), ("eval_top1_error", "val top-1"),
-                     ("eval_top5_error", "val top-5")]:
+                     ("eval_top5_error", "val top-5"),
+                     ("eval_loc_error", "val localisation")]:
     steps, values = series(records, key)
     if key == "train_top1":
       values = 1 - values

@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 from clu import periodic_actions
 from flax.training import train_state as flax_train_state
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -28,6 +27,7 @@ from vgg_jax import checkpointing
 from vgg_jax import config_checks
 from vgg_jax import datasets
 from vgg_jax import input_pipeline
+from vgg_jax import localization
 from vgg_jax import metrics as metrics_lib
 from vgg_jax import models
 from vgg_jax import parallel
@@ -52,20 +52,29 @@ def decay_mask(params: Any) -> Any:
 
 
 def sgd_with_weight_decay(learning_rate: float, momentum: float, weight_decay: float,
-                          nesterov: bool = False) -> optax.GradientTransformation:
-  """SGD with momentum on the L2-regularised loss (the decay enters the gradient)."""
-  return optax.chain(
+                          nesterov: bool = False, trainable_layers: str = "all"
+                          ) -> optax.GradientTransformation:
+  """SGD with momentum on the L2-regularised loss (the decay enters the gradient); the
+  layers that `trainable_layers` leaves out get no update at all."""
+  sgd = optax.chain(
       optax.add_decayed_weights(weight_decay, mask=decay_mask),
       optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+  if trainable_layers == "all":
+    return sgd
+  frozen = lambda params: jax.tree_util.tree_map(  # pylint: disable=g-long-lambda
+      lambda t: not t, models.trainable_mask(params, trainable_layers))
+  return optax.chain(sgd, optax.masked(optax.set_to_zero(), frozen))
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   # The learning rate is a hyperparameter in the optimiser state, so that the plateau
   # controller sets it from the host without recompiling.
   return optax.inject_hyperparams(
-      sgd_with_weight_decay, static_args=("momentum", "weight_decay", "nesterov"))(
+      sgd_with_weight_decay,
+      static_args=("momentum", "weight_decay", "nesterov", "trainable_layers"))(
       learning_rate=config.learning_rate, momentum=config.momentum,
-      weight_decay=config.weight_decay, nesterov=config.nesterov)
+      weight_decay=config.weight_decay, nesterov=config.nesterov,
+      trainable_layers=config.get("trainable_layers", "all"))
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
@@ -84,9 +93,34 @@ def set_learning_rate(state: TrainState, learning_rate) -> TrainState:
 # ------------------------------------------------------------------ per-device steps
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a run optimises and validates: a classifier's softmax (section 3.1), or a
+  localisation net's Euclidean loss on boxes (appendix A)."""
+  loss: Callable[[jax.Array, dict], tuple[jax.Array, dict]]  # (outputs, batch) -> (loss,
+  sums: Callable[[jax.Array, dict], dict]                    #   metrics); summed measures
+  summary: Callable[[dict], dict]          # summed measures of a split -> metrics
+  error: str                               # the metric the schedule and the best follow
+
+
+CLASSIFICATION = Objective(metrics_lib.classification_loss, metrics_lib.classification_sums,
+                           metrics_lib.classification_summary, "top1_error")
+
+
+def objective(config) -> Objective:
+  """The Objective of a run's config: localisation when config.box_regression is set."""
+  if not config.get("box_regression"):
+    return CLASSIFICATION
+  return Objective(localization.train_loss,
+                   functools.partial(localization.eval_sums, crop_size=config.crop_size),
+                   localization.summary, "loc_error")
+
+
 def train_step(state: TrainState, batch: dict, dropout_rng: jax.Array,
-               learning_rate: jax.Array) -> tuple[TrainState, dict]:
-  """One SGD step on this device's share of the global batch.
+               learning_rate: jax.Array, *, loss=metrics_lib.classification_loss
+               ) -> tuple[TrainState, dict]:
+  """One SGD step on this device's share of the global batch, minimising LOSS
+  (`Objective.loss`; the softmax by default).
 
   Gradients are averaged over all devices (`pmean`), so every device applies the same
   update: the result equals one device training on the whole global batch.
@@ -95,34 +129,28 @@ def train_step(state: TrainState, batch: dict, dropout_rng: jax.Array,
                            jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
-    logits = state.apply_fn({"params": params}, batch["image"], train=True,
-                            rngs={"dropout": rng})
-    return metrics_lib.cross_entropy(logits, batch["label"]).mean(), logits
+    outputs = state.apply_fn({"params": params}, batch["image"], train=True,
+                             rngs={"dropout": rng})
+    return loss(outputs, batch)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (value, measures), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   state = set_learning_rate(state, learning_rate)
   state = state.apply_gradients(grads=grads)
-  metrics = dict(loss=loss,
-                 top1=metrics_lib.correct_top_k(logits, batch["label"], 1).mean(),
-                 grad_norm=optax.global_norm(grads), learning_rate=learning_rate)
+  metrics = dict(loss=value, **measures, grad_norm=optax.global_norm(grads),
+                 learning_rate=learning_rate)
   return state, jax.lax.pmean(metrics, AXIS)
 
 
-def eval_step(params: Any, batch: dict, *, apply_fn) -> dict:
-  """Sums over the real (unmasked) examples of all devices."""
-  logits = apply_fn({"params": params}, batch["image"], train=False)
-  mask = batch["mask"]
-  sums = dict(loss=metrics_lib.cross_entropy(logits, batch["label"]),
-              top1=metrics_lib.correct_top_k(logits, batch["label"], 1),
-              top5=metrics_lib.correct_top_k(logits, batch["label"], 5),
-              count=jnp.ones_like(mask))
-  sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
-  sums["confusion"] = metrics_lib.confusion_matrix(logits, batch["label"], mask)
-  return jax.lax.psum(sums, AXIS)
+def eval_step(params: Any, batch: dict, *, apply_fn,
+              sums=metrics_lib.classification_sums) -> dict:
+  """SUMS (`Objective.sums`) over the real (unmasked) examples of all devices."""
+  outputs = apply_fn({"params": params}, batch["image"], train=False)
+  return jax.lax.psum(sums(outputs, batch), AXIS)
 
 
-def map_steps(mapping: parallel.DeviceMapping, model: models.VGG, *, mean, std=None):
+def map_steps(mapping: parallel.DeviceMapping, model: models.VGG, *, mean, std=None,
+              objective: Objective = CLASSIFICATION):
   """(train step, eval step) mapped over the devices, taking the input pipeline's batches.
 
   The batches arrive as uint8 crops: `input_pipeline.model_inputs` makes them the net's
@@ -132,10 +160,11 @@ def map_steps(mapping: parallel.DeviceMapping, model: models.VGG, *, mean, std=N
   """
   to_inputs = functools.partial(input_pipeline.model_inputs, mean=mean, std=std)
   p_train_step = mapping.map(
-      lambda s, b, r, lr: train_step(s, to_inputs(b), jax.random.wrap_key_data(r), lr),
+      lambda s, b, r, lr: train_step(s, to_inputs(b), jax.random.wrap_key_data(r), lr,
+                                     loss=objective.loss),
       donate_argnums=(0,))
   p_eval_step = mapping.map(
-      lambda p, b: eval_step(p, to_inputs(b), apply_fn=model.apply))
+      lambda p, b: eval_step(p, to_inputs(b), apply_fn=model.apply, sums=objective.sums))
   return p_train_step, p_eval_step
 
 
@@ -143,20 +172,20 @@ def map_steps(mapping: parallel.DeviceMapping, model: models.VGG, *, mean, std=N
 
 
 def validation_metrics(mapped_eval_step, mapping: parallel.DeviceMapping, params: Any,
-                       batches: Iterator[dict]) -> tuple[dict[str, float], np.ndarray]:
-  """Loss, top-1 and top-5 error over a whole split, every example counted once, and
-  the confusion matrix [true class, predicted class]."""
+                       batches: Iterator[dict], objective: Objective = CLASSIFICATION
+                       ) -> tuple[dict[str, float], np.ndarray | None]:
+  """The OBJECTIVE's metrics over a whole split, every example counted once (a
+  classifier's: loss, top-1 and top-5 error), and the confusion matrix [true class,
+  predicted class] (None for a localisation net)."""
   totals = None
   for batch in batches:
     sums = mapping.unreplicate(mapped_eval_step(params, mapping.shard(batch)))
     totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
   if totals is None or float(totals["count"]) == 0:
     raise ValueError("The evaluation split is empty.")
-  count = float(totals["count"])
-  return dict(loss=float(totals["loss"]) / count,
-              top1_error=1.0 - float(totals["top1"]) / count,
-              top5_error=1.0 - float(totals["top5"]) / count,
-              examples=int(count)), np.rint(totals["confusion"]).astype(np.int64)
+  confusion = totals.get("confusion")
+  return (objective.summary(totals),
+          None if confusion is None else np.rint(confusion).astype(np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,9 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   A resume with another recipe than the run's is refused unless ACCEPT_CONFIG_CHANGES
   (`checkpointing.check_resume`). Nothing is written to WORKDIR before the config has
   been checked against the run there, the data and the checkpoints.
-  Returns the last validation metrics (loss, top1_error, top5_error, examples), the
-  confusion matrix of that validation ("confusion"), the step, the learning rate and
-  the number of plateau drops.
+  Returns the last validation metrics (a classifier's loss, top1_error, top5_error,
+  examples; a localisation net's loss, loc_error, examples), the confusion matrix of
+  that validation ("confusion"; None for a localisation net), the step, the learning
+  rate and the number of plateau drops.
   """
   config_checks.validate_config(config)
   checkpointing.check_resume(workdir, config,  # before the data, which may take long
@@ -308,17 +338,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   loop = _Loop(config, workdir, model, schedule, mapping, checkpointer, writer,
                mean=mean, std=std)
   try:
-    state, progress, confusion, step = loop.run(host_state, progress, dropout_key)
+    state, progress, step = loop.run(host_state, progress, dropout_key)
   finally:
     # Also on an exception or interrupt: checkpoints being written are completed.
     checkpointer.wait_until_finished()
     writer.flush()
-  if confusion is None:  # a finished run started again: validate for the report
-    progress.last_eval, confusion = validation_metrics(
-        loop.eval_step, mapping, state.params, input_pipeline.eval_batches(config))
+  if not loop.validated:  # a finished run started again: validate for the report
+    progress.last_eval, loop.confusion = validation_metrics(
+        loop.eval_step, mapping, state.params, input_pipeline.eval_batches(config),
+        loop.objective)
   checkpointer.close()
   logging.info("Finished at step %d: %s", step, progress.last_eval)
-  return dict(progress.last_eval, confusion=confusion, step=step,
+  return dict(progress.last_eval, confusion=loop.confusion, step=step,
               learning_rate=progress.schedule.learning_rate,
               plateau_drops=progress.schedule.drops)
 
@@ -333,13 +364,16 @@ class _Loop:
     self.checkpointer, self.writer = checkpointer, writer
     self.mean, self.std = mean, std
     self.plateau_config = plateau.PlateauConfig.from_config(config)
-    self.train_step, self.eval_step = map_steps(mapping, model, mean=mean, std=std)
+    self.objective = objective(config)
+    self.train_step, self.eval_step = map_steps(mapping, model, mean=mean, std=std,
+                                                objective=self.objective)
+    self.validated, self.confusion = False, None  # the last validation's confusion
 
   def run(self, host_state: TrainState, progress: Progress, dropout_key: jax.Array
-          ) -> tuple[TrainState, Progress, np.ndarray | None, int]:
+          ) -> tuple[TrainState, Progress, int]:
     """Trains from HOST_STATE to the end; returns the state on the devices, the
-    progress, the last validation's confusion matrix (None: no step was left) and the
-    step."""
+    progress and the step. (`validated`: whether it validated; no step was left
+    otherwise.)"""
     config, schedule, mapping = self.config, self.schedule, self.mapping
     step = int(host_state.step)
     state = mapping.replicate(host_state)
@@ -356,7 +390,6 @@ class _Loop:
         hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=self.workdir))
     block_each_step = jax.default_backend() == "cpu"  # fake CPU devices can deadlock
     interval = _Interval()
-    confusion = None
     while step < schedule.total_steps and not progress.schedule.stopped:
       wait_start = time.time()
       batch = next(batches)
@@ -377,13 +410,13 @@ class _Loop:
       is_eval = step % schedule.eval_every == 0 or step == schedule.total_steps
       improved = False
       if is_eval:
-        improved, confusion = self._validate(step, state, progress)
+        improved = self._validate(step, state, progress)
         learning_rate = mapping.replicate(np.float32(progress.schedule.learning_rate))
       if (is_eval or step % schedule.checkpoint_every == 0
           or progress.schedule.stopped):
         self._save(step, state, progress, best=improved)
       interval.start += time.time() - pause_start  # throughput counts training only
-    return state, progress, confusion, step
+    return state, progress, step
 
   def _log(self, step: int, interval: "_Interval") -> None:
     summary = summarize_train_metrics([self.mapping.unreplicate(m)
@@ -396,14 +429,14 @@ class _Loop:
     self.writer.write_scalars(step, summary)
     check_finite(summary["train_loss"], "training loss", step, self.workdir, self.config)
 
-  def _validate(self, step: int, state: TrainState, progress: Progress
-                ) -> tuple[bool, np.ndarray]:
-    """Validates, updates PROGRESS (schedule, best); returns (improved, confusion)."""
-    last_eval, confusion = validation_metrics(
+  def _validate(self, step: int, state: TrainState, progress: Progress) -> bool:
+    """Validates, updates PROGRESS (schedule, best); returns whether it improved."""
+    last_eval, self.confusion = validation_metrics(
         self.eval_step, self.mapping, state.params,
-        input_pipeline.eval_batches(self.config))
+        input_pipeline.eval_batches(self.config), self.objective)
+    self.validated = True
     check_finite(last_eval["loss"], "validation loss", step, self.workdir, self.config)
-    accuracy = 1 - last_eval["top1_error"]
+    accuracy = 1 - last_eval[self.objective.error]
     improved = accuracy > progress.best_accuracy
     progress.best_accuracy = max(progress.best_accuracy, accuracy)
     progress.schedule = plateau.update(self.plateau_config, progress.schedule, accuracy)
@@ -411,7 +444,7 @@ class _Loop:
     self.writer.write_scalars(step, {f"eval_{k}": v for k, v in last_eval.items()}
                               | {"epoch": step / self.schedule.steps_per_epoch,
                                  "plateau_drops": progress.schedule.drops})
-    return improved, confusion
+    return improved
 
   def _save(self, step: int, state: TrainState, progress: Progress, *,
             best: bool) -> None:

@@ -119,6 +119,16 @@ def rescaled_crop(item: tf.Tensor, *, scale, crop_size: int, channels: int,
   ITEM: encoded image bytes (a scalar string) or decoded pixels [h, w, c]. Random position
   from SEED, else the centre. A JPEG is decoded only under the crop (`_jpeg_crop`).
   """
+  return rescaled_crop_and_geometry(item, scale=scale, crop_size=crop_size,
+                                    channels=channels, seed=seed)[0]
+
+
+def rescaled_crop_and_geometry(item: tf.Tensor, *, scale, crop_size: int, channels: int,
+                               seed: tf.Tensor | None = None
+                               ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """`rescaled_crop`, and where the crop lies: {'factor': float32 [2], the rescaled
+  size over the source's (y, x); 'offset': float32 [2], the crop's top left in the
+  rescaled image}. A point p of the source lands at p * factor - offset in the crop."""
   if item.dtype != tf.string:
     return _crop_of_rescaled(to_channels(item, channels), scale, crop_size, seed)
   return tf.cond(
@@ -127,16 +137,22 @@ def rescaled_crop(item: tf.Tensor, *, scale, crop_size: int, channels: int,
       lambda: _crop_of_rescaled(decode_image(item, channels), scale, crop_size, seed))
 
 
-def _crop_of_rescaled(image: tf.Tensor, scale, crop_size: int, seed) -> tf.Tensor:
+def _geometry(source, size, offset) -> dict[str, tf.Tensor]:
+  return {"factor": tf.cast(size, tf.float32) / tf.cast(source, tf.float32),
+          "offset": tf.cast(offset, tf.float32)}
+
+
+def _crop_of_rescaled(image: tf.Tensor, scale, crop_size: int, seed):
   """The whole image rescaled, then cropped: the reference `_jpeg_crop` must equal."""
   shape = tf.shape(image)
-  _, offset = plan_crop(shape[0], shape[1], scale, crop_size, seed)
+  size, offset = plan_crop(shape[0], shape[1], scale, crop_size, seed)
   top, left = offset[0], offset[1]
   crop = rescale_smallest_side(image, scale)[top:top + crop_size, left:left + crop_size]
-  return tf.ensure_shape(crop, [crop_size, crop_size, image.shape[-1]])
+  return (tf.ensure_shape(crop, [crop_size, crop_size, image.shape[-1]]),
+          _geometry(shape[:2], size, offset))
 
 
-def _jpeg_crop(data: tf.Tensor, scale, crop_size: int, channels: int, seed) -> tf.Tensor:
+def _jpeg_crop(data: tf.Tensor, scale, crop_size: int, channels: int, seed):
   """`_crop_of_rescaled` of a JPEG, decoding only the source window under the crop.
 
   Output pixel i of the crop sits at (top + i + 0.5) / s - 0.5 in source pixels (s: the
@@ -165,12 +181,19 @@ def _jpeg_crop(data: tf.Tensor, scale, crop_size: int, channels: int, seed) -> t
   crop = tf.raw_ops.ScaleAndTranslate(
       images=window[None], size=[crop_size, crop_size], scale=factor,
       translation=translation, kernel_type="triangle", antialias=True)[0]
-  return tf.ensure_shape(crop, [crop_size, crop_size, channels])
+  return (tf.ensure_shape(crop, [crop_size, crop_size, channels]),
+          _geometry(shape[:2], size, offset))
+
+
+def flips(seed: tf.Tensor) -> tf.Tensor:
+  """Whether `random_flip` with SEED mirrors (probability 1/2): the draw of
+  tf.image.stateless_random_flip_left_right, so that boxes can follow the image."""
+  return tf.random.stateless_uniform([], seed, minval=0, maxval=1.0) < 0.5
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Mirrors the image left to right with probability 1/2."""
-  return tf.image.stateless_random_flip_left_right(image, seed)
+  """Mirrors the image [h, w, c] left to right with probability 1/2."""
+  return tf.cond(flips(seed), lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -207,19 +230,23 @@ def augment_seed(seed, epoch, position) -> tf.Tensor:
 
 
 def train_crop(item: tf.Tensor, seed: tf.Tensor, *, scale_min: int, scale_max: int,
-               crop_size: int, channels: int, flip: bool = True,
-               color_std: float = 0.1) -> dict[str, tf.Tensor]:
+               crop_size: int, channels: int, flip: bool = True, color_std: float = 0.1,
+               boxes: tf.Tensor | None = None, box_count: tf.Tensor | None = None
+               ) -> dict[str, tf.Tensor]:
   """Section 3.1 on the host: rescale to S, random crop, flip; the colour shift drawn.
 
   ITEM: encoded bytes or pixels [h, w, c] (0..255); SEED: [2] ints. Returns {'image':
   uint8 [crop_size, crop_size, CHANNELS], 'color_shift': float32 [CHANNELS]} (zeros for
   gray images or COLOR_STD 0): `input_pipeline.model_inputs` adds it and subtracts the
-  mean on the device.
+  mean on the device. With the image's BOXES (float32 [K, 4] of which the first
+  BOX_COUNT are real; appendix A), also the box the crop should predict ('box', see
+  `box_target`) and its loss weight ('box_weight').
   """
   scale_seed, crop_seed, flip_seed, color_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 4))
-  image = rescaled_crop(item, scale=sample_scale(scale_seed, scale_min, scale_max),
-                        crop_size=crop_size, channels=channels, seed=crop_seed)
+  image, geometry = rescaled_crop_and_geometry(
+      item, scale=sample_scale(scale_seed, scale_min, scale_max), crop_size=crop_size,
+      channels=channels, seed=crop_seed)
   image = to_uint8(image)
   if flip:
     image = random_flip(image, flip_seed)
@@ -227,9 +254,52 @@ def train_crop(item: tf.Tensor, seed: tf.Tensor, *, scale_min: int, scale_max: i
     shift = color_shift_rgb(color_seed, color_std)
   else:
     shift = tf.zeros([channels], tf.float32)
-  return {"image": image, "color_shift": shift}
+  out = {"image": image, "color_shift": shift}
+  if boxes is not None:
+    flipped = flips(flip_seed) if flip else tf.constant(False)
+    out["box"], out["box_weight"] = box_target(
+        boxes_in_crop(boxes, geometry, crop_size, flipped), box_count, crop_size)
+  return out
 
 
 def eval_crop(item: tf.Tensor, *, scale, crop_size: int, channels: int) -> tf.Tensor:
   """Section 3.2 (single crop) on the host: rescale to Q = SCALE, centre crop; uint8."""
   return to_uint8(rescaled_crop(item, scale=scale, crop_size=crop_size, channels=channels))
+
+
+# ----------------------------------------------------------- boxes (appendix A)
+
+
+def boxes_in_crop(boxes: tf.Tensor, geometry: dict[str, tf.Tensor], crop_size: int,
+                  flipped) -> tf.Tensor:
+  """BOXES [..., 4] (xmin, ymin, xmax, ymax in source pixels) in the frame of the crop
+  that GEOMETRY describes (`rescaled_crop_and_geometry`), mirrored when FLIPPED; not
+  clipped."""
+  fy, fx = tf.unstack(geometry["factor"])
+  top, left = tf.unstack(geometry["offset"])
+  xmin, ymin, xmax, ymax = tf.unstack(tf.cast(boxes, tf.float32), axis=-1)
+  xmin, xmax = xmin * fx - left, xmax * fx - left
+  ymin, ymax = ymin * fy - top, ymax * fy - top
+  size = tf.cast(crop_size, tf.float32)
+  xmin, xmax = (tf.where(flipped, size - xmax, xmin), tf.where(flipped, size - xmin, xmax))
+  return tf.stack([xmin, ymin, xmax, ymax], axis=-1)
+
+
+def box_target(boxes: tf.Tensor, box_count, crop_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(target float32 [4], weight float32) of a training crop from the image's boxes in
+  the crop's frame (float32 [K, 4], the first BOX_COUNT real).
+
+  The target is the box of which the crop shows most, clipped to the crop, as (centre x,
+  centre y, width, height) in units of the crop side. A crop that shows none of the
+  object (every box clipped to nothing) gets weight 0 rather than a made-up box: it then
+  teaches nothing. (At S = 256 a 224 crop keeps most of nearly every object.)
+  """
+  size = tf.cast(crop_size, tf.float32)
+  clipped = tf.clip_by_value(boxes, 0.0, size)
+  area = ((clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+          * tf.cast(tf.range(tf.shape(boxes)[0]) < tf.cast(box_count, tf.int32),
+                    tf.float32))
+  best = clipped[tf.argmax(area)]
+  target = tf.stack([(best[0] + best[2]) / 2, (best[1] + best[3]) / 2,
+                     best[2] - best[0], best[3] - best[1]]) / size
+  return target, tf.cast(tf.reduce_max(area) > 0, tf.float32)
