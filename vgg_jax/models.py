@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vgg_jax import layers
+
 Array = jax.Array
 
 MAXPOOL = "maxpool"
@@ -242,21 +244,6 @@ def kernel_initializer(name: str):
   return INITIALIZERS[name]
 
 
-def local_response_norm(x: Array, *, size: int = 5, alpha: float = 1e-4,
-                        beta: float = 0.75, k: float = 2.0) -> Array:
-  """AlexNet's LRN across channels of an NHWC tensor (see ALEXNET_LRN)."""
-  if size < 1 or size % 2 == 0:
-    raise ValueError(f"LRN size must be a positive odd number of channels (AlexNet: 5), "
-                     f"got {size!r}.")
-  half = size // 2
-  squares = jnp.square(x.astype(jnp.float32))
-  window_sums = jax.lax.reduce_window(
-      squares, 0.0, jax.lax.add,
-      window_dimensions=(1, 1, 1, size), window_strides=(1, 1, 1, 1),
-      padding=((0, 0), (0, 0), (0, 0), (half, half)))
-  return (x / jnp.power(k + alpha * window_sums, beta)).astype(x.dtype)
-
-
 class FullyConnected(nn.Module):
   """A fully connected layer that can also run as a convolution (dense evaluation).
 
@@ -341,9 +328,9 @@ class VGG(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype, name=spec.name)(x)
         x = nn.relu(x)
       elif isinstance(spec, LRNSpec):
-        x = local_response_norm(x, **self.lrn)
+        x = layers.local_response_norm(x, **self.lrn)
       else:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = layers.max_pool_2x2(x)
     self.sow("intermediates", "features", x)
     deterministic = not train or dense
     outputs = num_outputs(self.num_classes, self.box_regression)
