@@ -269,6 +269,16 @@ def frozen_config(stored: Mapping) -> ml_collections.ConfigDict:
   return config
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """WORKDIR's own config (its config.json over today's default, `frozen_config`);
+  ValueError when it has none (a converted checkpoint, or no run at all)."""
+  stored = read_config(workdir)
+  if stored is None:
+    raise ValueError(f"{workdir!r} has no {CONFIG_FILE}: give --config (the run's "
+                     "config, or the data to use with a converted checkpoint).")
+  return frozen_config(stored)
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether WORKDIR holds a saved step of a run (a resume, not a fresh start)."""
   directory = os.path.join(workdir, LATEST)

@@ -424,15 +424,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"No such run directory: {', '.join(map(repr, missing))}.")
   config = cli.config_flag()
   if config is None:
-    frozen = checkpointing.read_config(runs[0])
-    if frozen is None:
-      raise app.UsageError("Give --config: the run has no config.json.")
-    config = checkpointing.frozen_config(frozen)
-  try:
-    scales = [int(q) for q in FLAGS.scales] if FLAGS.scales else None
-  except ValueError as e:
-    raise ValueError(f"--scales must be whole numbers of pixels (test scales Q, e.g. "
-                     f"256,384,512), got {','.join(FLAGS.scales)}.") from e
+    config = checkpointing.run_config(runs[0])
+  scales = protocols_lib.parse_scales(FLAGS.scales)
   evaluate_run(config, FLAGS.workdir, protocols=FLAGS.protocol, scales=scales,
                checkpoints=checkpoints, split=FLAGS.split, batch_size=FLAGS.batch_size,
                best=FLAGS.best)

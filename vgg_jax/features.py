@@ -277,16 +277,8 @@ def main(argv: Sequence[str]) -> None:
   check_checkpoints_exist(checkpoints)
   config = cli.config_flag()
   if config is None:
-    frozen = checkpointing.read_config(checkpoints[0])
-    if frozen is None:
-      raise ValueError(f"Give --config (the data to describe): {checkpoints[0]!r} has "
-                       f"no {checkpointing.CONFIG_FILE}.")
-    config = checkpointing.frozen_config(frozen)
-  try:
-    scales = [int(q) for q in FLAGS.scales] if FLAGS.scales else None
-  except ValueError as e:
-    raise ValueError(f"--scales must be whole numbers of pixels (test scales Q, e.g. "
-                     f"256,384,512), got {','.join(FLAGS.scales)}.") from e
+    config = checkpointing.run_config(checkpoints[0])
+  scales = protocols.parse_scales(FLAGS.scales)
   output_dir = FLAGS.output_dir or os.path.join(checkpoints[0], "features")
   print(extract(config, checkpoints, output_dir, layer=FLAGS.layer, scales=scales,
                 aggregation=FLAGS.aggregation, flip=FLAGS.flip, split=FLAGS.split,

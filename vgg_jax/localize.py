@@ -235,8 +235,8 @@ def main(argv: Sequence[str]) -> None:
                 if FLAGS.classifier else None)
   split = FLAGS.split or nets[0].config.eval_split
   scales = protocols_lib.check_scales(
-      [int(q) for q in FLAGS.scales] or protocols_lib.paper_scales(nets[0].config),
-      nets[0].config.crop_size)
+      protocols_lib.parse_scales(FLAGS.scales) or protocols_lib.paper_scales(
+          nets[0].config), nets[0].config.crop_size)
   rows = localization_table(nets, classifier, scales, split, protocols=protocols,
                             merge_iou=FLAGS.merge_iou, batch_size=FLAGS.batch_size)
   if jax.process_index() == 0:
@@ -247,11 +247,7 @@ def main(argv: Sequence[str]) -> None:
 
 def load_localization_net(path: str) -> evaluate.Net:
   """A localisation run's last net; ValueError for a classification run."""
-  stored = checkpointing.read_config(path)
-  if stored is None:
-    raise ValueError(f"{path} is not a localisation run's workdir (no "
-                     f"{checkpointing.CONFIG_FILE}).")
-  net = evaluate.load_net(checkpointing.frozen_config(stored), path)
+  net = evaluate.load_net(checkpointing.run_config(path), path)
   if not net.model.box_regression:
     raise ValueError(f"{path} holds a classification net: give localisation runs "
                      "(box_regression set) as --workdirs, and a classifier as "

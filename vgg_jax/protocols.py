@@ -264,6 +264,15 @@ def paper_scales(config) -> tuple[int, ...]:
   return kept
 
 
+def parse_scales(values: Sequence[str]) -> list[int] | None:
+  """A --scales flag's values as test scales Q; None when empty (the default's)."""
+  try:
+    return [int(q) for q in values] if values else None
+  except ValueError as e:
+    raise ValueError(f"--scales must be whole numbers of pixels (test scales Q, e.g. "
+                     f"256,384,512), got {','.join(values)}.") from e
+
+
 def check_scales(scales: Sequence[int], crop_size: int) -> tuple[int, ...]:
   scales = tuple(int(q) for q in scales)
   if not scales:
