@@ -135,16 +135,18 @@ def dense_guesses(nets: Sequence[evaluate.Net], classifier: evaluate.Net,
   """The second protocol's guessed boxes [N, TOP_K, 4] for CLASSES [N, TOP_K] (from
   `top_classes`): every net's boxes at every position and Q, rated and merged."""
   candidates = collections.defaultdict(list)   # (image, guess) -> [(boxes, ratings)]
+  # One evaluator per net for every Q: its parameters go to the devices, and its
+  # mapped functions compile, once.
+  rater = evaluate.Evaluator(classifier)
+  evaluators = [(net, evaluate.Evaluator(net)) for net in nets]
   for q in scales:
     ratings = {}                                 # image -> [TOP_K, positions]
-    for batch in evaluate.Evaluator(classifier).stream(POSTERIOR_MAP, q, split=split,
-                                                       batch_size=batch_size):
+    for batch in rater.stream(POSTERIOR_MAP, q, split=split, batch_size=batch_size):
       for i, posterior_map in zip(batch["index"], batch["outputs"]):
         ratings[i] = posterior_map.reshape(-1, posterior_map.shape[-1])[:, classes[i]].T
-    for net in nets:
-      for batch in evaluate.Evaluator(net).stream(MAP_OUTPUTS, q, split=split,
-                                                  batch_size=batch_size,
-                                                  extras=("factor",)):
+    for net, evaluator in evaluators:
+      for batch in evaluator.stream(MAP_OUTPUTS, q, split=split, batch_size=batch_size,
+                                    extras=("factor",)):
         for i, outputs, factor in zip(batch["index"], batch["outputs"], batch["factor"]):
           found = map_boxes(outputs, classes[i], factor, net.config.crop_size)
           for k in range(classes.shape[1]):
