@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Devices. "pmap" or "shard_map": the same per-device step, mapped two ways.
   config.mapping = "pmap"
+  # How the conv layers are computed (vgg_jax.layers.CONV_LOWERINGS): "auto" is XLA's
+  # convolution, but im2col on CPU for maps smaller than the filter; "xla", "im2col".
+  # The same values to float rounding.
+  config.conv_lowering = "auto"
   config.distributed = False      # call jax.distributed.initialize() (multi-host)
 
   # Start from other weights (section 3.1): a checkpoint (a workdir, or the output of

@@ -336,17 +336,3 @@ def test_too_small_input():
 def test_other_bad_knobs(knobs, pattern):
   with pytest.raises(ValueError, match=pattern):
     models.create_model("D", **knobs)
-
-
-def test_max_pool_2x2_is_flax_max_pool_values_and_gradients():
-  """The reshape form (faster backward on CPU) equals nn.max_pool, odd sizes included;
-  so do the gradients where no window holds a tie."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  for shape in ((2, 8, 8, 3), (2, 7, 9, 4), (1, 1, 3, 2)):
-    x = jax.random.normal(jax.random.key(shape[1]), shape)
-    reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
-    np.testing.assert_array_equal(layers.max_pool_2x2(x), reference(x))
-    weights = jax.random.normal(jax.random.key(7), reference(x).shape)
-    np.testing.assert_array_equal(
-        jax.grad(lambda v: (layers.max_pool_2x2(v) * weights).sum())(x),
-        jax.grad(lambda v: (reference(v) * weights).sum())(x))

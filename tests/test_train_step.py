@@ -251,3 +251,17 @@ def test_benchmark_runs_the_real_step():
   assert result["devices"] == 8 and result["images_per_second"] > 0
   assert result["macs_per_image"] == 701_344  # summary.count_macs of this net
   assert benchmark.known_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+
+
+def test_the_pytorch_comparison_times_the_same_net():
+  """The benchmark's PyTorch side builds the same layers: the same parameter count as
+  our net (A-LRN's LRN included), and it times a real step."""
+  pytest.importorskip("torch")
+  from vgg_jax import benchmark  # pylint: disable=g-import-not-at-top
+  for name in ("A", "A-LRN", "B-5x5"):
+    peer = benchmark.torch_benchmark(model=name, batch_size=4, width=1 / 16, fc_width=16,
+                                     image_size=32, num_classes=10, steps=1, warmup=1)
+    net = models.create_model(name, width=1 / 16, fc_width=16, num_classes=10)
+    assert peer["num_params"] == models.count_params(
+        models.param_shapes(net, (32, 32, 3)))
+    assert peer["images_per_second"] > 0

@@ -8,8 +8,15 @@ warm-up. Printed: images per second, step time, and model-FLOP utilisation, coun
 6 x multiply-adds per image (forward 2 FLOPs per MAC, backward twice the forward) from
 `summary.count_macs`, against a peak given with --peak_tflops or known for the device.
 On CPU, run it small: `--model=A --width=0.125 --image_size=64 --batch_size=16`.
+
+On CPU, with torch installed and float32, the same net, batch and optimiser step are
+also timed in PyTorch eager (what a user would otherwise run; `torch_benchmark`) in the
+same process, and the ratio printed: run it for the demo's net with
+`--model=A --width=0.1875 --fc_width=256 --image_size=32 --batch_size=128
+--dtype=float32 --num_classes=10 --steps=40`.
 """
 
+import os
 import time
 from typing import Sequence
 
@@ -37,6 +44,8 @@ flags.DEFINE_integer("num_classes", 1000, "Classes.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (compilation, allocation).")
 flags.DEFINE_enum("mapping", "pmap", list(parallel.MAPPINGS), "Device mapping.")
+flags.DEFINE_bool("compare_torch", True, "On CPU at float32, also time the same step in "
+                  "PyTorch eager when torch is installed, and print the ratio.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device at --dtype; "
                    "default: known value for the device kind, if any.")
 
@@ -104,6 +113,61 @@ def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=
               macs_per_image=macs)
 
 
+def torch_benchmark(*, model, batch_size, width=1.0, fc_width=4096, image_size=224,
+                    num_classes=1000, steps=20, warmup=3, learning_rate=1e-2,
+                    momentum=0.9, weight_decay=5e-4, dropout_rate=0.5) -> dict | None:
+  """Step time, images/s and parameter count of the same train step in PyTorch eager on the CPU, with as
+  many threads as this process may use (as XLA): the same layers (`models.layer_specs`),
+  batch, softmax loss, dropout and momentum SGD with weight decay, on a synthetic batch.
+  None when torch is not installed (it is an optional dependency, hence the import
+  here)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.manual_seed(0)
+  trunk, channels = [], 3
+  for spec in models.layer_specs(model, width=width):
+    if isinstance(spec, models.ConvSpec):
+      trunk += [torch.nn.Conv2d(channels, spec.features, spec.filter_size,
+                                padding=spec.filter_size // 2), torch.nn.ReLU()]
+      channels = spec.features
+    elif isinstance(spec, models.LRNSpec):  # torch divides alpha by the size
+      lrn = models.ALEXNET_LRN
+      trunk.append(torch.nn.LocalResponseNorm(lrn["size"], lrn["alpha"] * lrn["size"],
+                                              lrn["beta"], lrn["k"]))
+    else:
+      trunk.append(torch.nn.MaxPool2d(2))
+  side = image_size // 2 ** models.NUM_POOLS
+  net = torch.nn.Sequential(
+      *trunk, torch.nn.Flatten(),
+      torch.nn.Linear(channels * side * side, fc_width), torch.nn.ReLU(),
+      torch.nn.Dropout(dropout_rate),
+      torch.nn.Linear(fc_width, fc_width), torch.nn.ReLU(), torch.nn.Dropout(dropout_rate),
+      torch.nn.Linear(fc_width, num_classes))
+  optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
+                              weight_decay=weight_decay)
+  images = torch.randn(batch_size, 3, image_size, image_size)
+  labels = torch.randint(0, num_classes, (batch_size,))
+
+  def step():
+    loss = torch.nn.functional.cross_entropy(net(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+  for _ in range(warmup):
+    step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  step_time = (time.perf_counter() - start) / steps
+  return dict(step_time=step_time, images_per_second=batch_size / step_time,
+              threads=torch.get_num_threads(), version=torch.__version__,
+              num_params=sum(p.numel() for p in net.parameters()))
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   result = benchmark(model=FLAGS.model, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
@@ -123,6 +187,19 @@ def main(argv: Sequence[str]) -> None:
     print(f"MFU: {100 * result['tflops_per_device'] / peak:.1f}% of {peak} TFLOP/s")
   else:
     print("MFU: unknown peak for this device; pass --peak_tflops")
+  if (FLAGS.compare_torch and jax.default_backend() == "cpu"
+      and FLAGS.dtype == "float32"):
+    peer = torch_benchmark(model=FLAGS.model, batch_size=FLAGS.batch_size,
+                           width=FLAGS.width, fc_width=FLAGS.fc_width,
+                           image_size=FLAGS.image_size, num_classes=FLAGS.num_classes,
+                           steps=FLAGS.steps, warmup=FLAGS.warmup)
+    if peer is None:
+      print("PyTorch: not installed (pip install -e '.[torch]' to compare)")
+    else:
+      print(f"PyTorch {peer['version']} eager, {peer['threads']} threads, same step: "
+            f"{peer['step_time'] * 1e3:.1f} ms, {peer['images_per_second']:.1f} images/s")
+      print(f"vgg_jax / PyTorch: "
+            f"{result['images_per_second'] / peer['images_per_second']:.2f}x")
 
 
 if __name__ == "__main__":

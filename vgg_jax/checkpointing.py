@@ -253,12 +253,13 @@ def config_differences(stored: Mapping, wanted: Mapping, *,
 # Fields whose value does not change what a run computes: where the data is read from,
 # how often the run logs and keeps checkpoints, how far it may go (the epoch cap), what
 # it evaluates at the end, how batches reach the devices (pmap and shard_map agree to
-# float rounding), and what only a fresh start reads (its initialisation). A resume may
-# change them; the change is recorded. Every other field is the recipe.
+# float rounding), how the convolutions are computed (the same, to float rounding), and
+# what only a fresh start reads (its initialisation). A resume may change them; the
+# change is recorded. Every other field is the recipe.
 RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                          "num_epochs", "final_eval_protocols", "profile",
-                         "prefetch_to_device", "mapping", "distributed", "data_dir",
-                         "manual_dir", "cache", "init", "init_from")
+                         "prefetch_to_device", "mapping", "conv_lowering", "distributed",
+                         "data_dir", "manual_dir", "cache", "init", "init_from")
 
 
 def frozen_config(stored: Mapping) -> ml_collections.ConfigDict:

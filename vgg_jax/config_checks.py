@@ -2,10 +2,11 @@
 
 `validate_config` is called by every entry point (`main`, `sweep` for each trial,
 `evaluate`, the benchmark) before it starts work. `unused_fields` lists the fields a
-run will not read but that were set anyway (legal, so `main` only warns). Each field's owner says what it
-accepts: the nets (`models`), the schedule (`plateau`), the devices (`parallel`), the
-data (`input_pipeline`), the test protocols (`protocols`) and the surgery rules
-(`surgery`); the optimiser's and the loop's fields are checked here.
+run will not read but that were set anyway (legal, so `main` only warns). Each field's
+owner says what it accepts: the nets (`models`), the convolutions (`layers`), the
+schedule (`plateau`), the devices (`parallel`), the data (`input_pipeline`), the test
+protocols (`protocols`) and the surgery rules (`surgery`); the optimiser's and the
+loop's fields are checked here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ml_collections
 
 from configs import default
 from vgg_jax import input_pipeline
+from vgg_jax import layers
 from vgg_jax import models
 from vgg_jax import parallel
 from vgg_jax import plateau
@@ -33,6 +35,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   input_pipeline.check_data_fields(config)
   plateau.PlateauConfig.from_config(config)  # learning rate and plateau fields
   parallel.check_mapping(config.mapping)
+  layers.check_conv_lowering(config.conv_lowering)
   parallel.check_batch_size(config.batch_size)
   if config.init_from.checkpoint:
     surgery.resolve_rule(config.init_from.rule)

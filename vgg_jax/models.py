@@ -301,6 +301,7 @@ class VGG(nn.Module):
   initializer: str = "paper"  # a key of INITIALIZERS (`init` would shadow Module.init)
   lrn: dict = dataclasses.field(default_factory=lambda: dict(ALEXNET_LRN))
   box_regression: str | None = None  # a localisation net's fc8 (BOX_REGRESSIONS)
+  conv_lowering: str = "auto"  # how the convs are computed (layers.CONV_LOWERINGS)
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, dense: bool = False,
@@ -320,12 +321,14 @@ class VGG(nn.Module):
     check_feature_layer(until)
     check_image_size(images.shape[1], images.shape[2])
     kernel_init = kernel_initializer(self.initializer)
+    conv = layers.conv_general_dilated(self.conv_lowering)
     x = images.astype(self.dtype)
     for spec in layer_specs(self.net, width=self.width, filter_size=self.filter_size):
       if isinstance(spec, ConvSpec):
         x = nn.Conv(spec.features, (spec.filter_size, spec.filter_size), padding="SAME",
                     kernel_init=kernel_init, bias_init=nn.initializers.zeros,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=spec.name)(x)
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=spec.name,
+                    conv_general_dilated=conv)(x)
         x = nn.relu(x)
       elif isinstance(spec, LRNSpec):
         x = layers.local_response_norm(x, **self.lrn)
@@ -349,7 +352,8 @@ def create_model(name: str = "D", *, num_classes: int = 1000, width: float = 1.0
                  filter_size: int | None = None, fc_width: int = 4096,
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32,
                  init: str = "paper", lrn: dict | None = None,
-                 box_regression: str | None = None) -> VGG:
+                 box_regression: str | None = None, conv_lowering: str = "auto"
+                 ) -> VGG:
   """Returns the VGG module for a Table 1 name ("A", ..., "E", "B-5x5") or an alias.
 
   Args:
@@ -365,15 +369,18 @@ def create_model(name: str = "D", *, num_classes: int = 1000, width: float = 1.0
     lrn: AlexNet LRN hyperparameters for A-LRN (defaults to ALEXNET_LRN).
     box_regression: None (a classification net), or a localisation net's fc8:
       "single_class" (4 outputs) or "per_class" (4 x num_classes); see `num_outputs`.
+    conv_lowering: how the convs are computed, "auto" (im2col on CPU, XLA's
+      convolution elsewhere), "xla" or "im2col"; the same values to float rounding.
   """
   check_knobs(width=width, filter_size=filter_size, fc_width=fc_width,
               num_classes=num_classes, dropout_rate=dropout_rate)
   kernel_initializer(init)
   num_outputs(num_classes, box_regression)
+  layers.check_conv_lowering(conv_lowering)
   return VGG(net=canonical_name(name), num_classes=num_classes, width=width,
              filter_size=filter_size, fc_width=fc_width, dropout_rate=dropout_rate,
              dtype=jnp.dtype(dtype), initializer=init, lrn=dict(lrn or ALEXNET_LRN),
-             box_regression=box_regression)
+             box_regression=box_regression, conv_lowering=conv_lowering)
 
 
 def trainable_mask(params: Mapping[str, Any], layers: str = "all") -> dict:
@@ -409,12 +416,14 @@ ARCHITECTURE_FIELDS = ("model", "width", "filter_size", "fc_width", "num_classes
 
 def from_config(config, num_classes: int | None = None) -> VGG:
   """The net of a run's config (model, width, filter_size, fc_width, dropout_rate, dtype,
-  init, box_regression) for NUM_CLASSES classes (default config.num_classes)."""
+  init, box_regression, conv_lowering) for NUM_CLASSES classes (default
+  config.num_classes)."""
   return create_model(
       config.model, num_classes=num_classes or config.num_classes, width=config.width,
       filter_size=config.filter_size, fc_width=config.fc_width,
       dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype), init=config.init,
-      box_regression=config.get("box_regression"))
+      box_regression=config.get("box_regression"),
+      conv_lowering=config.get("conv_lowering", "auto"))
 
 
 def input_shape(config) -> tuple[int, int, int]:
