@@ -116,11 +116,11 @@ def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=
 def torch_benchmark(*, model, batch_size, width=1.0, fc_width=4096, image_size=224,
                     num_classes=1000, steps=20, warmup=3, learning_rate=1e-2,
                     momentum=0.9, weight_decay=5e-4, dropout_rate=0.5) -> dict | None:
-  """Step time, images/s and parameter count of the same train step in PyTorch eager on the CPU, with as
-  many threads as this process may use (as XLA): the same layers (`models.layer_specs`),
-  batch, softmax loss, dropout and momentum SGD with weight decay, on a synthetic batch.
-  None when torch is not installed (it is an optional dependency, hence the import
-  here)."""
+  """Step time, images/s and parameter count of the same train step in PyTorch eager on
+  the CPU, with as many threads as this process may use (as XLA): the same layers
+  (`models.layer_specs`), batch, softmax loss, dropout and momentum SGD with weight
+  decay, on a synthetic batch. None when torch is not installed (it is an optional
+  dependency, hence the import here)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
