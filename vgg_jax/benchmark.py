@@ -114,17 +114,17 @@ def benchmark(*, model, batch_size, dtype, width=1.0, fc_width=4096, image_size=
 
 
 def torch_benchmark(*, model, batch_size, width=1.0, fc_width=4096, image_size=224,
-                    num_classes=1000, steps=20, warmup=3, learning_rate=1e-2,
-                    momentum=0.9, weight_decay=5e-4, dropout_rate=0.5) -> dict | None:
+                    num_classes=1000, steps=20, warmup=3) -> dict | None:
   """Step time, images/s and parameter count of the same train step in PyTorch eager on
   the CPU, with as many threads as this process may use (as XLA): the same layers
-  (`models.layer_specs`), batch, softmax loss, dropout and momentum SGD with weight
-  decay, on a synthetic batch. None when torch is not installed (it is an optional
-  dependency, hence the import here)."""
+  (`models.layer_specs`), batch, softmax loss, and the default config's dropout and
+  momentum SGD with weight decay, on a synthetic batch. None when torch is not
+  installed (it is an optional dependency, hence the import here)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
+  recipe = default.get_config()
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   torch.manual_seed(0)
   trunk, channels = [], 3
@@ -143,11 +143,12 @@ def torch_benchmark(*, model, batch_size, width=1.0, fc_width=4096, image_size=2
   net = torch.nn.Sequential(
       *trunk, torch.nn.Flatten(),
       torch.nn.Linear(channels * side * side, fc_width), torch.nn.ReLU(),
-      torch.nn.Dropout(dropout_rate),
-      torch.nn.Linear(fc_width, fc_width), torch.nn.ReLU(), torch.nn.Dropout(dropout_rate),
+      torch.nn.Dropout(recipe.dropout_rate),
+      torch.nn.Linear(fc_width, fc_width), torch.nn.ReLU(),
+      torch.nn.Dropout(recipe.dropout_rate),
       torch.nn.Linear(fc_width, num_classes))
-  optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
-                              weight_decay=weight_decay)
+  optimizer = torch.optim.SGD(net.parameters(), lr=recipe.learning_rate,
+                              momentum=recipe.momentum, weight_decay=recipe.weight_decay)
   images = torch.randn(batch_size, 3, image_size, image_size)
   labels = torch.randint(0, num_classes, (batch_size,))
 
