@@ -178,6 +178,7 @@ def main(argv: Sequence[str]) -> None:
   kind = jax.local_devices()[0].device_kind
   peak = FLAGS.peak_tflops or known_peak(kind, FLAGS.dtype)
   print(f"device: {result['devices']} x {kind} ({jax.default_backend()})")
+  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}")  # with the package's own, xla_flags.py
   print(f"model: {FLAGS.model} width={FLAGS.width} image={FLAGS.image_size} "
         f"dtype={FLAGS.dtype} global batch={FLAGS.batch_size} mapping={FLAGS.mapping}")
   print(f"multiply-adds per image: {result['macs_per_image']:,}")
