@@ -191,6 +191,22 @@ def test_prefetching_to_the_devices_changes_nothing(mnist, tmp_path):
 STEADY_LEARNING_RATE = 0.005
 
 
+def test_resident_eval_batches_change_nothing(mnist, tmp_path, monkeypatch):
+  """The eval split kept on the devices between validations, or read again each time:
+  the same run, metrics and parameters bit for bit."""
+  mnist.update(dict(num_epochs=2, eval_every_steps=2))
+  runs = []
+  for budget in (train.EVAL_RESIDENT_BYTES, 0):
+    monkeypatch.setattr(train, "EVAL_RESIDENT_BYTES", budget)
+    workdir = tmp_path / str(budget)
+    train.train_and_evaluate(mnist.copy_and_resolve_references(), str(workdir))
+    evals = [{k: v for k, v in r.items() if k.startswith("eval_")}
+             for r in read_jsonl(workdir / "metrics.jsonl") if "eval_loss" in r]
+    runs.append((evals, checkpointing.load(str(workdir))[0]))
+  assert len(runs[0][0]) >= 4 and runs[0][0] == runs[1][0]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, runs[0][1], runs[1][1])
+
+
 def test_the_conv_lowerings_train_to_the_same_parameters(mnist, tmp_path):
   """A speed-only change: XLA's convolutions everywhere ("xla") against im2col on the
   2x2 maps of conv5 (what "auto" does on CPU) train the same net to float rounding (the

@@ -82,6 +82,27 @@ def test_pmap_and_shard_map_give_the_same_result():
   assert_trees_close(by_pmap, by_shard_map, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("max_bytes, reads", [(10**6, 1), (100, 3)])
+def test_resident_batches_are_read_once_when_they_fit(max_bytes, reads):
+  """Three passes over four batches of 8 x 16 bytes: one read from the host when kept
+  on the devices, three when over the budget; the same batches each pass. A pass left
+  half-way keeps nothing."""
+  mapping = parallel.DeviceMapping("pmap")
+  made = []
+
+  def make_batches():
+    made.append(1)
+    return ({"x": np.full((8, 16), i, np.uint8)} for i in range(4))
+
+  passes = mapping.resident(make_batches, max_bytes=max_bytes)
+  next(passes())  # abandoned after one batch
+  made.clear()
+  for _ in range(3):
+    seen = [int(np.asarray(b["x"])[0, 0]) for b in passes()]
+    assert seen == [0, 1, 2, 3]
+  assert len(made) == reads
+
+
 def test_loss_falls_on_a_repeated_batch():
   config = tiny_config(batch_size=8)
   mapping = parallel.DeviceMapping("pmap", jax.local_devices()[:2])

@@ -89,6 +89,32 @@ class DeviceMapping:
     while queue:
       yield queue.popleft()
 
+  def resident(self, make_batches: Callable[[], Iterable[Any]], *, max_bytes: int
+               ) -> Callable[[], Iterator[Any]]:
+    """A function yielding the passes of MAKE_BATCHES (a finite split, read again on
+    each call) put on the devices, which keeps them there after the first whole pass
+    when they take at most MAX_BYTES of this process's device memory: later passes then
+    read nothing from the host. Same batches, same order."""
+    kept = None
+
+    def batches() -> Iterator[Any]:
+      nonlocal kept
+      if kept is not None:
+        yield from kept
+        return
+      first, size = [], 0
+      for batch in make_batches():
+        size += sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(batch))
+        batch = self.shard(batch)
+        if first is not None and size <= max_bytes:
+          first.append(batch)
+        else:
+          first = None
+        yield batch
+      kept = first
+
+    return batches
+
   def replicate(self, tree: Any) -> Any:
     """One copy of every leaf per device (stacked on a new leading axis)."""
     n = self.local_device_count

@@ -36,6 +36,10 @@ from vgg_jax import plateau
 from vgg_jax import surgery
 
 AXIS = parallel.AXIS
+# The eval split's batches stay on the devices between validations when they take at
+# most this much (the demo's 10,000 crops: 10 MB; ImageNet's 50,000 at 224: 7.5 GB, read
+# again each time). On 2 CPU cores the demo's validation then takes 0.9 s, not 1.8.
+EVAL_RESIDENT_BYTES = 512 * 2**20
 
 
 class TrainState(flax_train_state.TrainState):
@@ -345,8 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
   if not loop.validated:  # a finished run started again: validate for the report
     progress.last_eval, loop.confusion = validation_metrics(
-        loop.eval_step, mapping, state.params, input_pipeline.eval_batches(config),
-        loop.objective)
+        loop.eval_step, mapping, state.params, loop.eval_batches(), loop.objective)
   checkpointer.close()
   logging.info("Finished at step %d: %s", step, progress.last_eval)
   return dict(progress.last_eval, confusion=loop.confusion, step=step,
@@ -367,6 +370,8 @@ class _Loop:
     self.objective = objective(config)
     self.train_step, self.eval_step = map_steps(mapping, model, mean=mean, std=std,
                                                 objective=self.objective)
+    self.eval_batches = mapping.resident(lambda: input_pipeline.eval_batches(config),
+                                         max_bytes=EVAL_RESIDENT_BYTES)
     self.validated, self.confusion = False, None  # the last validation's confusion
 
   def run(self, host_state: TrainState, progress: Progress, dropout_key: jax.Array
@@ -432,8 +437,7 @@ class _Loop:
   def _validate(self, step: int, state: TrainState, progress: Progress) -> bool:
     """Validates, updates PROGRESS (schedule, best); returns whether it improved."""
     last_eval, self.confusion = validation_metrics(
-        self.eval_step, self.mapping, state.params,
-        input_pipeline.eval_batches(self.config), self.objective)
+        self.eval_step, self.mapping, state.params, self.eval_batches(), self.objective)
     self.validated = True
     check_finite(last_eval["loss"], "validation loss", step, self.workdir, self.config)
     accuracy = 1 - last_eval[self.objective.error]
