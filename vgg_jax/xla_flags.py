@@ -10,11 +10,12 @@ from __future__ import annotations
 
 # XLA:CPU hands both its dots and its convolutions to YNNPACK by default (jaxlib 0.10).
 # Its convolutions, the weight gradients above all, are slower there than XLA's own
-# (Eigen) convolution kernels: on a 2-core Intel Xeon with AVX-512, the demo's train
-# step went from 0.57-0.60x to 0.74-0.77x the PyTorch peer's speed (three alternating
-# runs of each), and conv1's weight gradient from 5.6 to 1.6 ms. On a 2-core AMD EPYC
-# with AVX2 it changed nothing beyond noise. Dots stay with YNNPACK, XLA's default for
-# them. The flag touches only the CPU backend; GPUs and TPUs ignore it.
+# (Eigen) convolution kernels: on a 2-core Intel Xeon with AVX-512, the train step of
+# the demo's net went from 0.57-0.60x to 0.74-0.77x the PyTorch peer's speed (three
+# alternating runs of each), conv1's weight gradient from 5.6 to 1.7 ms and conv2's
+# from 8.3 to 2.1. On a 2-core AMD EPYC with AVX2, YNNPACK turned off for dots too
+# changed nothing beyond noise. Dots stay with YNNPACK, XLA's default for them. The flag
+# touches only the CPU backend; GPUs and TPUs ignore it.
 FLAGS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
