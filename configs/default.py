@@ -81,8 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices. "pmap" or "shard_map": the same per-device step, mapped two ways.
   config.mapping = "pmap"
   # How the conv layers are computed (vgg_jax.layers.CONV_LOWERINGS): "auto" is XLA's
-  # convolution, but im2col on CPU for maps smaller than the filter; "xla", "im2col".
-  # The same values to float rounding.
+  # convolution, but on CPU taps for the image layer and im2col for maps smaller than
+  # the filter; "xla", "im2col", "taps". The same values to float rounding.
   config.conv_lowering = "auto"
   config.distributed = False      # call jax.distributed.initialize() (multi-host)
 

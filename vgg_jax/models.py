@@ -369,8 +369,10 @@ def create_model(name: str = "D", *, num_classes: int = 1000, width: float = 1.0
     lrn: AlexNet LRN hyperparameters for A-LRN (defaults to ALEXNET_LRN).
     box_regression: None (a classification net), or a localisation net's fc8:
       "single_class" (4 outputs) or "per_class" (4 x num_classes); see `num_outputs`.
-    conv_lowering: how the convs are computed, "auto" (im2col on CPU, XLA's
-      convolution elsewhere), "xla" or "im2col"; the same values to float rounding.
+    conv_lowering: how the convs are computed (`layers.CONV_LOWERINGS`): "auto"
+      (on CPU, taps for the image layer and im2col on maps smaller than the filter;
+      XLA's convolution elsewhere), "xla", "im2col" or "taps"; the same values to float
+      rounding.
   """
   check_knobs(width=width, filter_size=filter_size, fc_width=fc_width,
               num_classes=num_classes, dropout_rate=dropout_rate)
