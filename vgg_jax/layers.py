@@ -169,7 +169,7 @@ def conv_general_dilated(lowering: str = "auto"):
                   dimension_numbers=dimension_numbers,
                   feature_group_count=feature_group_count, precision=precision,
                   preferred_element_type=preferred_element_type)
-    how = chosen_lowering(lowering, lhs, rhs, window_strides, **kwargs)
+    how = _chosen_lowering(lowering, lhs, rhs, window_strides, **kwargs)
     if how == "xla":
       return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
     kh, kw, in_features, out_features = rhs.shape
@@ -188,8 +188,8 @@ def conv_general_dilated(lowering: str = "auto"):
   return conv
 
 
-def chosen_lowering(lowering, lhs, rhs, window_strides, *, lhs_dilation, rhs_dilation,
-                    dimension_numbers, feature_group_count, **_) -> str:
+def _chosen_lowering(lowering, lhs, rhs, window_strides, *, lhs_dilation,
+                     rhs_dilation, dimension_numbers, feature_group_count, **_) -> str:
   """How a convolution is computed under LOWERING: "xla", "im2col" or "taps"."""
   if (lhs.ndim != 4 or feature_group_count != 1 or tuple(window_strides) != (1, 1)
       or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
