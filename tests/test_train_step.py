@@ -235,8 +235,9 @@ def test_bad_loop_fields(field, value, message):
 
 
 def test_batch_not_divisible_by_devices():
-  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+  with pytest.raises(ValueError, match="not divisible by the 8 devices") as error:
     config_checks.validate_config(tiny_config(batch_size=12))
+  assert "e.g. 8 or set the number of CPU devices, e.g. XLA_FLAGS=" in str(error.value)
 
 
 def test_unknown_mapping_and_model():

@@ -1,6 +1,7 @@
 """Tests of vgg_jax.xla_flags: the package's XLA flags reach XLA (convolutions leave
-YNNPACK on the CPU, dots stay) and a user's own setting wins. That they change speed
-only is tested in test_train.py (the same parameters after a short run)."""
+YNNPACK on the CPU, dots stay), the CPU device count follows the cores, and a user's
+own setting wins. That they change speed only is tested elsewhere: the kernels in
+test_train.py, the device count in test_train_step.py (eight devices train as one)."""
 
 import os
 import re
@@ -12,14 +13,26 @@ from vgg_jax import xla_flags
 
 
 def test_the_flags_are_added_once_and_a_users_own_setting_wins():
+  ours = ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT "
+          "--xla_force_host_platform_device_count=2")
+  assert xla_flags.with_package_flags("", cores=2) == ours
+  assert xla_flags.with_package_flags(ours, cores=2) == ours
+  assert xla_flags.with_package_flags(ours, cores=8) == ours
+  assert (xla_flags.with_package_flags(" --xla_force_host_platform_device_count=1 ", cores=4)
+          == "--xla_force_host_platform_device_count=1 "
+             "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
   name = "xla_cpu_experimental_ynn_fusion_type"
-  ours = f"--{name}={xla_flags.FLAGS[name]}"
-  assert xla_flags.with_package_flags("") == ours
-  assert (xla_flags.with_package_flags(" --xla_force_host_platform_device_count=8 ")
-          == f"--xla_force_host_platform_device_count=8 {ours}")
-  assert xla_flags.with_package_flags(ours) == ours
-  assert xla_flags.with_package_flags(f"--{name}=") == f"--{name}="
-  assert ours in os.environ["XLA_FLAGS"].split()  # importing vgg_jax added it
+  assert xla_flags.with_package_flags(f"--{name}=", cores=1) == (
+      f"--{name}= --xla_force_host_platform_device_count=1")
+  # Importing vgg_jax added them; conftest's 8 devices came first and won.
+  assert ours.split()[0] in os.environ["XLA_FLAGS"].split()
+  assert jax.local_device_count() == 8
+
+
+def test_one_cpu_device_per_core_a_power_of_two_at_most_eight():
+  assert [xla_flags.cpu_device_count(cores) for cores in (0, 1, 2, 3, 4, 6, 8, 12, 64)] == [
+      1, 1, 2, 2, 4, 4, 8, 8, 8]
+  assert xla_flags.usable_cores() >= 1
 
 
 def ynnpack_ops(compiled_text: str) -> list[str]:

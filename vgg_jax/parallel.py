@@ -40,10 +40,15 @@ def check_batch_size(global_batch: int, *, what: str = "config.batch_size") -> i
     raise ValueError(f"{what} must be a positive multiple of the {devices} devices, got "
                      f"{global_batch}.")
   if global_batch % devices:
+    # The CPU's device count is the package's choice (xla_flags.py), so say how to set it.
+    on_cpu = (" or set the number of CPU devices, e.g. "
+              "XLA_FLAGS=--xla_force_host_platform_device_count=1"
+              if jax.default_backend() == "cpu" else "")
     raise ValueError(
         f"{what}={global_batch} is not divisible by the {devices} devices "
         f"({jax.process_count()} process(es) x {jax.local_device_count()} local): pick a "
-        f"multiple of {devices}, e.g. {max(devices, global_batch - global_batch % devices)}.")
+        f"multiple of {devices}, e.g. {max(devices, global_batch - global_batch % devices)}"
+        f"{on_cpu}.")
   return global_batch // devices
 
 
