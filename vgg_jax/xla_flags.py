@@ -27,10 +27,11 @@ CPU_DEVICE_COUNT = "xla_force_host_platform_device_count"
 # small net's ops split badly or not at all (tree reductions, layout transposes, small
 # convolutions), so the demo's step scaled 1.63x from one core to two where PyTorch's
 # scales 1.98x. The step of the demo's net on the 2-core Xeon, same run as the peer:
-# 0.77-0.81x with one device, 1.00-1.05x with two. More devices than cores is slower
-# (four on two cores: 0.76x). A power of two, so that the usual batch sizes divide;
-# at most 8, which bounds the copies of the parameters and optimiser state (one per
-# device) that a big net keeps in host memory. As with another number of GPUs, another
+# 0.77-0.81x with one device, 1.00-1.05x with two (on a 2-core AMD EPYC, 0.79-0.85x
+# and 0.89-1.41x; the demo's first epoch 73-75 s and 58-66 s). More devices than cores
+# is slower (four on two cores: 0.76x). A power of two, so that the usual batch sizes
+# divide; at most 8, which bounds the copies of the parameters and optimiser state (one
+# per device) that a big net keeps in host memory. As with another number of GPUs, another
 # device count changes a run's dropout masks (each device draws its own) and the order
 # of its float sums, not what it computes (tests/test_train_step.py). GPUs and TPUs do
 # not use these devices.
