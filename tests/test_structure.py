@@ -97,7 +97,8 @@ def test_modules_and_functions_are_small():
 
 
 @pytest.mark.parametrize("name", ["create_model", "validate_config", "describe",
-                                  "config_differences", "read_metrics", "correct_top_k"])
+                                  "config_differences", "read_metrics", "correct_top_k",
+                                  "usable_cores"])
 def test_one_owner_per_name(name):
   """A public name is defined in one module only (one meaning across the package)."""
   owners = [m for m, tree in modules().items()

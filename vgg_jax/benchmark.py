@@ -32,6 +32,7 @@ from vgg_jax import parallel
 from vgg_jax import summary
 from vgg_jax import train
 from vgg_jax import transforms
+from vgg_jax import xla_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "D", "Table 1 name or alias.")
@@ -125,7 +126,7 @@ def torch_benchmark(*, model, batch_size, width=1.0, fc_width=4096, image_size=2
   except ImportError:
     return None
   recipe = default.get_config()
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.set_num_threads(xla_flags.usable_cores())
   torch.manual_seed(0)
   trunk, channels = [], 3
   for spec in models.layer_specs(model, width=width):

@@ -44,6 +44,7 @@ from vgg_jax import box_files
 from vgg_jax import cli
 from vgg_jax import fashion_mnist  # registers the fashion_mnist_local builder
 from vgg_jax import transforms
+from vgg_jax import xla_flags
 
 try:  # TF is only the input pipeline here: the accelerators belong to JAX.
   tf.config.set_visible_devices([], "GPU")
@@ -457,18 +458,11 @@ def looked_up(ds: tf.data.Dataset, data: SplitData) -> tf.data.Dataset:
 
 
 
-def usable_cores() -> int:
-  """The cores this process may run on (fewer than the machine's when pinned)."""
-  if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
-
-
 def tf_options() -> tf.data.Options:
   """Deterministic tf.data, on the cores this process may use."""
   options = tf.data.Options()
   options.deterministic = True
-  options.threading.private_threadpool_size = min(8, usable_cores())
+  options.threading.private_threadpool_size = min(8, xla_flags.usable_cores())
   options.threading.max_intra_op_parallelism = 1
   return options
 

@@ -42,6 +42,7 @@ from vgg_jax import datasets
 from vgg_jax import input_pipeline
 from vgg_jax import photos
 from vgg_jax import transforms
+from vgg_jax import xla_flags
 
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (400, 500))  # (width, height)
 # Five ImageNet classes (wnids of TFDS's imagenet2012 labels) for the manual download.
@@ -238,7 +239,7 @@ def main(argv) -> None:
   with tempfile.TemporaryDirectory() as workspace:
     rates = run(jpegs, workspace, sources=FLAGS.sources, batch_size=FLAGS.images_per_batch,
                 repeats=FLAGS.repeats, **sizes)
-  cores = datasets.usable_cores()
+  cores = xla_flags.usable_cores()
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
   print(f"{len(jpegs)} JPEGs of {', '.join(f'{w}x{h}' for w, h in IMAGENET_SIZES)} "
         f"({mean_kb:.0f} KB on average); S in [{FLAGS.scale_min}, {FLAGS.scale_max}], "

@@ -45,7 +45,8 @@ XLA_DEFAULTS = {
 
 
 def usable_cores() -> int:
-  """The cores this process may run on (its affinity mask where the OS has one)."""
+  """The cores this process may run on (fewer than the machine's when pinned). Here, in
+  the module that must import nothing heavy, so that every module can use it."""
   if hasattr(os, "sched_getaffinity"):
     return len(os.sched_getaffinity(0))
   return os.cpu_count() or 1
